@@ -1,0 +1,122 @@
+"""Stage ``build_graphs``: one DGL graph per dialogue, utterances as nodes, typed edges.
+
+Utterance ``j`` receives an edge from every utterance ``i`` with ``j - window_past <= i <= j +
+window_future`` (itself included, as a self loop), as in DialogueGCN's windowed context graph
+(Ghosal et al. 2019, declare-lab/conv-emotion ``DialogueGCN/model.py``; defaults 10/10). Edges go
+``src -> dst`` = ``i -> j``: messages flow into ``j`` from its window. The relation type of an edge
+(``g.edata["rel_type"]``) is one of:
+
+* ``speaker_pair`` (DialogueGCN): ``2 * (s_src * M + s_dst) + d`` where ``s`` is the speaker's index in
+  the dialogue (order of first appearance), ``M = graph.max_speakers`` and ``d`` is 0 when ``src`` is
+  not later than ``dst`` (past or self) and 1 when it is later (future): ``2 * M**2`` relations;
+* ``same_other`` (speaker-count free): 0 self loop, 1 same speaker & past, 2 same speaker & future,
+  3 other speaker & past, 4 other speaker & future: 5 relations.
+
+Output: ``data/graphs/graphs.bin`` (``dgl.save_graphs``, one graph per dialogue, node ``k`` is the
+dialogue's ``k``-th utterance) and ``data/graphs/index.json`` (dialogue ids in graph order, relation
+count). Run: ``python -m pipeline.build_graphs [--params params.yaml]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.config import GraphParams, Params, run_stage
+from pipeline.dgl_compat import dgl
+from pipeline.features import atomic_path, write_json
+from pipeline.prepare import load_utterances
+
+log = logging.getLogger(__name__)
+
+GRAPHS_DIR = Path("data/graphs")
+GRAPHS = GRAPHS_DIR / "graphs.bin"
+INDEX = GRAPHS_DIR / "index.json"
+
+
+def num_relations(graph: GraphParams) -> int:
+    """Number of relation types the chosen scheme defines."""
+    return 2 * graph.max_speakers ** 2 if graph.relations == "speaker_pair" else 5
+
+
+def speaker_indices(speakers: list[str]) -> list[int]:
+    """Map speaker names to 0, 1, ... in order of first appearance in the dialogue."""
+    order: dict[str, int] = {}
+    return [order.setdefault(s, len(order)) for s in speakers]
+
+
+def dialogue_edges(speakers: list[str], graph: GraphParams) -> tuple[list[int], list[int], list[int]]:
+    """Edges of one dialogue: (src, dst, relation type) lists, sorted by (dst, src).
+
+    Raises:
+        ValueError: ``speaker_pair`` with more speakers in the dialogue than ``graph.max_speakers``.
+    """
+    ids = speaker_indices(speakers)
+    n_speakers = max(ids, default=-1) + 1
+    if graph.relations == "speaker_pair" and n_speakers > graph.max_speakers:
+        raise ValueError(f"a dialogue has {n_speakers} speakers but graph.max_speakers={graph.max_speakers}: "
+                         "raise graph.max_speakers or use graph.relations=same_other")
+    src, dst, rel = [], [], []
+    for j in range(len(ids)):
+        for i in range(max(0, j - graph.window_past), min(len(ids), j + graph.window_future + 1)):
+            if graph.relations == "speaker_pair":
+                r = 2 * (ids[i] * graph.max_speakers + ids[j]) + (1 if i > j else 0)
+            elif i == j:
+                r = 0
+            else:
+                r = (1 if ids[i] == ids[j] else 3) + (1 if i > j else 0)
+            src.append(i)
+            dst.append(j)
+            rel.append(r)
+    return src, dst, rel
+
+
+def build_dialogue_graph(speakers: list[str], graph: GraphParams) -> "dgl.DGLGraph":
+    """The DGL graph of one dialogue: ``len(speakers)`` nodes, ``edata["rel_type"]`` (int64 [E]),
+    ``ndata["speaker"]`` (int64 [N], index in the dialogue)."""
+    src, dst, rel = dialogue_edges(speakers, graph)
+    g = dgl.graph((torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64)),
+                  num_nodes=len(speakers))
+    g.edata["rel_type"] = torch.tensor(rel, dtype=torch.int64)
+    g.ndata["speaker"] = torch.tensor(speaker_indices(speakers), dtype=torch.int64)
+    return g
+
+
+def load_graphs(graphs_path: Path = GRAPHS, index_path: Path = INDEX) -> tuple[dict[str, "dgl.DGLGraph"], int]:
+    """Read the stage's output: ({dialogue id: graph}, number of relation types).
+
+    Raises:
+        FileNotFoundError: the stage has not run.
+    """
+    if not Path(graphs_path).exists() or not Path(index_path).exists():
+        raise FileNotFoundError(f"{graphs_path}: dialogue graphs not found; run `dvc repro build_graphs`")
+    index = json.loads(Path(index_path).read_text())
+    graphs, _ = dgl.load_graphs(str(graphs_path))
+    return dict(zip(index["dialogues"], graphs)), index["num_relations"]
+
+
+def run(params: Params) -> None:
+    """Build and save one graph per dialogue of the utterance table."""
+    utterances = load_utterances()
+    dialogues: dict[str, list[str]] = {}
+    for u in utterances:
+        dialogues.setdefault(u.dialogue_id, []).append(u.speaker)
+    graphs = []
+    for dialogue_id, speakers in dialogues.items():
+        try:
+            graphs.append(build_dialogue_graph(speakers, params.graph))
+        except ValueError as err:
+            raise ValueError(f"dialogue {dialogue_id}: {err}") from None
+    with atomic_path(GRAPHS) as tmp:
+        dgl.save_graphs(str(tmp), graphs)
+    write_json({"dialogues": list(dialogues), "num_relations": num_relations(params.graph),
+                "relations": params.graph.relations, "edges": int(sum(g.num_edges() for g in graphs))}, INDEX)
+    log.info("build_graphs: %d dialogues, %d edges, %d relation types (%s) -> %s", len(graphs),
+             sum(g.num_edges() for g in graphs), num_relations(params.graph), params.graph.relations, GRAPHS)
+
+
+if __name__ == "__main__":
+    run_stage(run, "Build one DGL speaker graph per dialogue (graph.*) into data/graphs/.")
