@@ -121,6 +121,7 @@ class TrainParams(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(40, ge=1)
+    warmup_epochs: int = Field(2, ge=0)
     batch_dialogues: int = Field(4, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
@@ -194,8 +195,12 @@ def run_stage(stage: Callable[[Params], None], description: str, argv: list[str]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    import time
+
+    start = time.perf_counter()
     try:
         stage(load_params(args.params))
+        logging.getLogger(stage.__module__).info("stage finished in %.1f s", time.perf_counter() - start)
     except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

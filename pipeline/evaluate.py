@@ -1,0 +1,112 @@
+"""Stage ``evaluate``: test-split metrics and plots of the trained model, tracked by DVC.
+
+Protocol: the checkpoint ``train`` selected by the best dev weighted F1 is scored once on the test
+split. For emotion and sentiment: accuracy, weighted F1, macro F1, per-class F1 (scikit-learn), the
+confusion matrix, and two chance levels for reference (always predicting the majority test class;
+uniform random guessing, expected value). The weights each feature came from (pretrained or random)
+are recorded beside the figures.
+
+Output: ``metrics/eval/metrics.json`` (``dvc metrics show``), ``metrics/eval/plots/sklearn/
+confusion_{emotion,sentiment}.json`` (``dvc plots show``), ``data/predictions/test.csv``.
+Run: ``python -m pipeline.evaluate [--params params.yaml]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from pipeline.config import Params, run_stage
+from pipeline.data import load_dialogues
+from pipeline.encoders import default_device
+from pipeline.features import atomic_path
+from pipeline.train import build_model, load_checkpoint, predict
+
+log = logging.getLogger(__name__)
+
+EVAL_METRICS_DIR = Path("metrics/eval")
+PREDICTIONS = Path("data/predictions/test.csv")
+
+
+def chance_levels(y_true: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Weighted F1 of two trivial predictors on labels ``y_true``.
+
+    ``majority``: always the most frequent class; ``uniform``: the expected weighted F1 of guessing
+    uniformly at random (per class: precision = class share, recall = 1/C).
+    """
+    counts = np.bincount(y_true, minlength=num_classes)
+    share = counts / counts.sum()
+    majority = np.full_like(y_true, counts.argmax())
+    uniform_f1 = 2 * share * (1 / num_classes) / np.maximum(share + 1 / num_classes, 1e-12)
+    return {"majority_weighted_f1": float(f1_score(y_true, majority, average="weighted", zero_division=0)),
+            "uniform_weighted_f1": float((share * uniform_f1).sum())}
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, weighted F1, macro F1 (over the classes present in ``y_true``), per-class F1, chance.
+
+    Args:
+        y_true, y_pred: ``[N]`` class indices into ``labels``.
+    """
+    present = sorted(set(y_true.tolist()))
+    per_class = f1_score(y_true, y_pred, labels=list(range(len(labels))), average=None, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "f1": {label: float(f) for label, f in zip(labels, per_class)},
+        "chance": chance_levels(y_true, len(labels)),
+    }
+
+
+def run(params: Params) -> None:
+    """Score the checkpoint on the test split; write metrics, confusion matrices and predictions."""
+    from dvclive import Live
+
+    checkpoint = load_checkpoint()
+    model = build_model(checkpoint)
+    device = default_device()
+    model.to(device)
+    emotions, sentiments = checkpoint["emotions"], checkpoint["sentiments"]
+    splits, encoders = load_dialogues(emotions, sentiments)
+    if not splits.get("test"):
+        raise ValueError("the test split has no dialogues; check data.root and the prepare report")
+    out = predict(model, splits["test"], params, device)
+    results = {}
+    with Live(str(EVAL_METRICS_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        for task, labels in (("emotion", emotions), ("sentiment", sentiments)):
+            y_true = out[task].numpy()
+            y_pred = out[f"{task}_prob"].argmax(-1).numpy()
+            results[task] = classification_metrics(y_true, y_pred, labels)
+            live.log_sklearn_plot("confusion_matrix", [labels[i] for i in y_true], [labels[i] for i in y_pred],
+                                  name=f"confusion_{task}.json", title=f"Test {task} confusion matrix",
+                                  x_label="true label", y_label="predicted label")
+        live.summary.update({
+            "test": results,
+            "test_utterances": len(out["utterance_ids"]),
+            "best_epoch": checkpoint["best_epoch"],
+            "encoders_pretrained": {m: bool(info.get("pretrained")) for m, info in encoders.items()},
+        })
+    with atomic_path(PREDICTIONS) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["utterance_id", "emotion", "emotion_pred", "emotion_prob", "sentiment", "sentiment_pred"])
+        for i, uid in enumerate(out["utterance_ids"]):
+            e_pred = int(out["emotion_prob"][i].argmax())
+            writer.writerow([uid, emotions[int(out["emotion"][i])], emotions[e_pred],
+                             f"{float(out['emotion_prob'][i, e_pred]):.4f}", sentiments[int(out["sentiment"][i])],
+                             sentiments[int(out["sentiment_prob"][i].argmax())]])
+    e = results["emotion"]
+    log.info("evaluate: test emotion weighted F1 %.4f (chance: majority %.4f, uniform %.4f), accuracy %.4f, "
+             "macro F1 %.4f; sentiment weighted F1 %.4f", e["weighted_f1"], e["chance"]["majority_weighted_f1"],
+             e["chance"]["uniform_weighted_f1"], e["accuracy"], e["macro_f1"], results["sentiment"]["weighted_f1"])
+    not_pretrained = [m for m, info in encoders.items() if not info.get("pretrained")]
+    if not_pretrained:
+        log.warning("these figures use features from RANDOMLY INITIALISED encoders: %s", ", ".join(not_pretrained))
+
+
+if __name__ == "__main__":
+    run_stage(run, "Score the trained model on the test split into metrics/eval/.")

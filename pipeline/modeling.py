@@ -1,0 +1,205 @@
+"""The fusion + adaptive graph model for emotion recognition in conversation (ERC).
+
+A reconstruction of the two papers' architecture from their abstracts and the field's public code
+(see ``../shared/notes/model.md`` and the README's "Model" section); it is not the authors' code.
+
+    per modality m in (text, audio, visual):
+        ModalityEncoder      [N, D_m] -> [N, H]    projection, learned "missing" embedding, bi-GRU context
+    CrossModalFusion         {m: [N, H]} -> [N, H]  text-anchored cross-attention both ways (paper 000,
+                                                    MultiEMO's bidirectional cross-attention), or concat
+    DialogueGraphEncoder     [N, H] -> [N, H]       RelGraphConv (basis) + GraphConv over the dialogue
+                                                    graph, edge weights from node features ("adaptive",
+                                                    paper 000) or fixed 1/in-degree ("gcn")
+    heads                    [N, R] -> emotion [N, C_e], sentiment [N, C_s] (multi-task, paper 000),
+                             projection [N, H] for the contrastive loss (paper 001)
+
+N is the number of utterances in a batch of whole dialogues (dialogue order), H ``model.hidden_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from pipeline.config import ModelParams
+from pipeline.data import MODALITIES, DialogueBatch
+from pipeline.dgl_compat import GraphConv, RelGraphConv, edge_softmax
+
+
+def pad_dialogues(x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, ...]`` (dialogues concatenated) -> ``[B, T_max, ...]`` zero-padded, and ``valid`` ``[B, T_max]``."""
+    chunks = torch.split(x, lengths)
+    padded = nn.utils.rnn.pad_sequence(chunks, batch_first=True)
+    valid = torch.arange(padded.shape[1], device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
+    return padded, valid
+
+
+def unpad_dialogues(padded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pad_dialogues`: ``[B, T_max, H]`` -> ``[N, H]``."""
+    return padded[valid]
+
+
+class ModalityEncoder(nn.Module):
+    """Projects one modality to the common size and adds dialogue context.
+
+    ``[N, D_m]`` -> Linear + LayerNorm + GELU -> ``[N, H]``; utterances where the modality is missing get
+    a learned embedding instead (their feature rows are never read); a bidirectional GRU over each
+    dialogue adds context (DialogueRNN / COGMEN-style context encoder), with a residual connection.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(input_size, hidden_size), nn.LayerNorm(hidden_size), nn.GELU(),
+                                     nn.Dropout(dropout))
+        self.missing = nn.Parameter(torch.randn(hidden_size) * 0.02)
+        self.context = nn.GRU(hidden_size, hidden_size // 2, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        h = torch.where(mask[:, None], self.project(x), self.missing.expand(x.shape[0], -1))  # [N, H]
+        padded, valid = pad_dialogues(h, lengths)  # [B, T, H]
+        packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+        context, _ = self.context(packed)
+        context, _ = pad_packed_sequence(context, batch_first=True, total_length=padded.shape[1])  # [B, T, H]
+        return self.norm(h + unpad_dialogues(context, valid))  # [N, H]
+
+
+class CrossModalAttention(nn.Module):
+    """One direction of cross-modal alignment: a query stream attends over a key stream in its dialogue.
+
+    ``query``, ``key``: ``[B, T, H]``; ``key_valid``: ``[B, T]`` (False for padding and for utterances
+    whose key modality is missing, so nobody attends to a missing modality). Output ``[B, T, H]`` =
+    LayerNorm(query + attention). A dialogue with no valid key at all gets no attention term.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        no_key = ~key_valid.any(1)  # [B]
+        padding = ~key_valid & ~no_key[:, None]  # all-masked rows would give NaN: unmask, then zero below
+        attended, _ = self.attention(query, key, key, key_padding_mask=padding, need_weights=False)
+        attended = attended.masked_fill(no_key[:, None, None], 0.0)
+        return self.norm(query + self.dropout(attended))
+
+
+class CrossModalFusion(nn.Module):
+    """Fuses the modality streams ``{m: [N, H]}`` into ``[N, H]``.
+
+    ``cross_attention`` (paper 000's cross-modal context fusion, rebuilt after MultiEMO's bidirectional
+    multi-head cross-attention, TaoShi1998/MultiEMO): text attends to audio and to visual, audio and
+    visual attend to text; the four aligned streams are concatenated and projected. ``concat``: the
+    baseline, the three streams concatenated and projected.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode == "cross_attention":
+            self.pairs = [("text", "audio"), ("text", "visual"), ("audio", "text"), ("visual", "text")]
+            self.attend = nn.ModuleDict({f"{q}_{k}": CrossModalAttention(hidden_size, num_heads, dropout)
+                                         for q, k in self.pairs})
+            n_streams = len(self.pairs)
+        else:
+            n_streams = len(MODALITIES)
+        self.out = nn.Sequential(nn.Linear(n_streams * hidden_size, hidden_size), nn.GELU(), nn.Dropout(dropout),
+                                 nn.LayerNorm(hidden_size))
+
+    def forward(self, streams: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                lengths: list[int]) -> torch.Tensor:
+        if self.mode == "concat":
+            return self.out(torch.cat([streams[m] for m in MODALITIES], dim=-1))
+        padded, valid = {}, {}
+        for m in MODALITIES:
+            padded[m], in_dialogue = pad_dialogues(streams[m], lengths)  # [B, T, H], [B, T]
+            valid[m] = pad_dialogues(masks[m], lengths)[0] & in_dialogue  # padding is False
+        aligned = [self.attend[f"{q}_{k}"](padded[q], padded[k], valid[k]) for q, k in self.pairs]  # 4 x [B, T, H]
+        return self.out(unpad_dialogues(torch.cat(aligned, dim=-1), in_dialogue))  # [N, H]
+
+
+class DialogueGraphEncoder(nn.Module):
+    """Relational graph encoder over the dialogue graphs (DGL), with adaptive or fixed edge weights.
+
+    Layer 1: ``RelGraphConv`` with basis decomposition (Schlichtkrull et al. 2018, as in DialogueGCN) over
+    the relation types of :mod:`pipeline.build_graphs`; layer 2: ``GraphConv``. Both scale each message by
+    an edge weight ``w_ij``: ``adaptive`` (paper 000, rebuilt after DialogueGCN's edge attention)
+    computes it from the node features, ``w_ij = softmax_{i in N(j)} (q_j . k_i / sqrt(H))``; ``gcn``
+    uses the fixed ``1 / in-degree(j)``. Output: LayerNorm(input + layer 2), ``[N, H]``.
+    """
+
+    def __init__(self, hidden_size: int, num_relations: int, num_bases: int, dropout: float, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.relational = RelGraphConv(hidden_size, hidden_size, num_relations, regularizer="basis",
+                                       num_bases=min(num_bases, num_relations), self_loop=True)
+        self.conv = GraphConv(hidden_size, hidden_size, norm="none", allow_zero_in_degree=True)
+        if mode == "adaptive":
+            self.query = nn.Linear(hidden_size, hidden_size)
+            self.key = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def edge_weights(self, graph, h: torch.Tensor) -> torch.Tensor:
+        """``[E, 1]`` message weights; they sum to 1 over each node's incoming edges."""
+        src, dst = graph.edges()
+        if self.mode == "adaptive":
+            scores = (self.query(h)[dst] * self.key(h)[src]).sum(-1, keepdim=True) / math.sqrt(h.shape[-1])
+            return edge_softmax(graph, scores)
+        return (1.0 / graph.in_degrees().clamp_min(1).float())[dst].unsqueeze(-1)
+
+    def forward(self, graph, h: torch.Tensor) -> torch.Tensor:
+        weights = self.edge_weights(graph, h)  # [E, 1]
+        x = F.relu(self.relational(graph, h, graph.edata["rel_type"], norm=weights))  # [N, H]
+        x = self.conv(graph, self.dropout(x), edge_weight=weights.squeeze(-1))  # [N, H]
+        return self.norm(h + self.dropout(x))
+
+
+@dataclass
+class ERCOutput:
+    """Model outputs for N utterances: logits ``[N, C_e]`` / ``[N, C_s]``, ``projections`` ``[N, H]``
+    (L2-normalised, for the contrastive loss)."""
+
+    emotion_logits: torch.Tensor
+    sentiment_logits: torch.Tensor
+    projections: torch.Tensor
+
+
+class ERCModel(nn.Module):
+    """Fusion + graph ERC model; see the module docstring for the data flow.
+
+    Args:
+        input_sizes: modality -> feature size ``D_m`` (text, audio, visual).
+        num_emotions / num_sentiments: class counts of the two heads.
+        num_relations: relation types of the dialogue graphs (ignored when ``config.graph == "none"``).
+        config: the ``model`` section of ``params.yaml``.
+    """
+
+    def __init__(self, input_sizes: dict[str, int], num_emotions: int, num_sentiments: int, num_relations: int,
+                 config: ModelParams):
+        super().__init__()
+        h = config.hidden_size
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(input_sizes[m], h, config.dropout) for m in MODALITIES})
+        self.fusion = CrossModalFusion(h, config.num_heads, config.dropout, config.fusion)
+        self.graph = None if config.graph == "none" else DialogueGraphEncoder(
+            h, num_relations, config.num_bases, config.dropout, config.graph)
+        rep = h if self.graph is None else 2 * h
+        self.dropout = nn.Dropout(config.dropout)
+        self.emotion_head = nn.Linear(rep, num_emotions)
+        self.sentiment_head = nn.Linear(rep, num_sentiments)
+        self.projection = nn.Sequential(nn.Linear(rep, h), nn.ReLU(), nn.Linear(h, h))
+
+    def forward(self, batch: DialogueBatch) -> ERCOutput:
+        streams = {m: self.encoders[m](batch.features[m], batch.masks[m], batch.lengths) for m in MODALITIES}
+        fused = self.fusion(streams, batch.masks, batch.lengths)  # [N, H]
+        rep = fused if self.graph is None else torch.cat([fused, self.graph(batch.graph, fused)], dim=-1)
+        rep = self.dropout(rep)  # [N, R]
+        return ERCOutput(self.emotion_head(rep), self.sentiment_head(rep),
+                         F.normalize(self.projection(rep), dim=-1))
