@@ -1,0 +1,287 @@
+"""Stage prepare: MELD raw-release layout -> data/prepared/utterances.csv + report.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MELD_CSVS, MELD_HEADER, meld_csv_bytes, row, write_meld
+from pipeline import prepare as prep
+from pipeline.config import parse_params
+from pipeline.prepare import DatasetError, Utterance, load_utterances
+
+
+def params_for(root: Path, **data):
+    return parse_params({"data": {"root": str(root), **data}})
+
+
+def by_id(utterances: list[Utterance]) -> dict[str, Utterance]:
+    return {u.utterance_id: u for u in utterances}
+
+
+def test_utterance_table_ids_order_speaker_and_text(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"train": [
+        row(1, 0, "Second dialogue.", "Monica"),
+        row(0, 2, "  Third   line,\n  split\tover lines.  ", " Joey ", "Joy", "Positive"),
+        row(0, 0, "First line.", "Ross"),
+        row(0, 1, "Second line.", "Rachel", "anger", "negative"),
+    ], "dev": [row(4, 0, "Dev.", "Phoebe")]})
+    utterances, report = prep.prepare(params_for(root))
+
+    assert [u.utterance_id for u in utterances] == [
+        "train/dia0_utt0", "train/dia0_utt1", "train/dia0_utt2", "train/dia1_utt0", "dev/dia4_utt0", "test/dia0_utt0"]
+    third = by_id(utterances)["train/dia0_utt2"]
+    assert third == Utterance(
+        utterance_id="train/dia0_utt2", split="train", dialogue_id="train/0", utterance_index=2, speaker="Joey",
+        text="Third line, split over lines.", emotion="joy", sentiment="positive",
+        clip=(root / "train_splits" / "dia0_utt2.mp4").as_posix())
+    assert by_id(utterances)["dev/dia4_utt0"].clip == (root / "dev_splits_complete" / "dia4_utt0.mp4").as_posix()
+    assert by_id(utterances)["test/dia0_utt0"].clip.endswith("output_repeated_splits_test/dia0_utt0.mp4")
+    assert report["splits"]["train"]["rows"] == 4 and report["splits"]["train"]["dialogues"] == 2
+    assert report["splits"]["train"]["emotions"] == {"joy": 1, "anger": 1, "neutral": 2}
+    assert report["speakers"] == 5 and report["empty_text"] == []
+
+
+def test_missing_clip_text_only_keeps_the_row_without_clip(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1), row(0, 2)]}, missing={"train/dia0_utt1"})
+    utterances, report = prep.prepare(params_for(root, missing_clip="text_only"))
+    table = by_id(utterances)
+    assert table["train/dia0_utt1"].clip == "" and table["train/dia0_utt1"].text == "Hello there."
+    assert table["train/dia0_utt0"].clip and table["train/dia0_utt2"].clip
+    assert report["missing_clip_policy"] == "text_only"
+    assert report["splits"]["train"]["missing_clips"] == ["train/dia0_utt1"]
+    assert report["splits"]["train"]["kept"] == 3
+
+
+def test_missing_clip_skip_leaves_the_row_out_and_reports_it(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1), row(0, 2)]}, missing={"train/dia0_utt1"})
+    utterances, report = prep.prepare(params_for(root, missing_clip="skip"))
+    assert [u.utterance_id for u in utterances if u.split == "train"] == ["train/dia0_utt0", "train/dia0_utt2"]
+    train = report["splits"]["train"]
+    assert (train["rows"], train["kept"], train["missing_clips"]) == (3, 2, ["train/dia0_utt1"])
+    assert report["missing_clip_policy"] == "skip"
+
+
+def test_cp1252_bytes_in_utf8_text_are_decoded_and_counted(tmp_path: Path):
+    csv_bytes = meld_csv_bytes([row(0, 0, "PLACEHOLDER_A"), row(0, 1, "It’s real UTF-8 — fine.")])
+    # A Windows re-save: cp1252 apostrophe, ellipsis and en dash inside an otherwise UTF-8 file.
+    csv_bytes = csv_bytes.replace(b"PLACEHOLDER_A", b"I don\x92t know\x85 really \x96 no.")
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1)]}, raw={"train": csv_bytes})
+    utterances, report = prep.prepare(params_for(root))
+    table = by_id(utterances)
+    assert table["train/dia0_utt0"].text == "I don’t know… really – no."
+    assert table["train/dia0_utt1"].text == "It’s real UTF-8 — fine."
+    assert report["splits"]["train"]["repaired_bytes"] == 3
+    assert report["splits"]["dev"]["repaired_bytes"] == 0
+
+
+def test_utf8_bom_is_ignored(tmp_path: Path):
+    header = ["Dialogue_ID", "Utterance_ID", "Utterance", "Speaker", "Emotion", "Sentiment"]
+    csv_bytes = b"\xef\xbb\xbf" + meld_csv_bytes([row(0, 0, "Hi.")], header=header)
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0)]}, raw={"train": csv_bytes})
+    utterances, _ = prep.prepare(params_for(root))
+    assert by_id(utterances)["train/dia0_utt0"].text == "Hi."
+
+
+def test_crlf_and_lf_line_ends_give_the_same_table(tmp_path: Path):
+    rows = [row(0, 0, "Line one."), row(0, 1, 'He said "no,\r\nnever".', "Rachel", "anger", "negative")]
+    crlf = meld_csv_bytes(rows, line_end="\r\n")
+    assert crlf.count(b"\r\n") >= 3
+    lf = meld_csv_bytes(rows, line_end="\n").replace(b"\r\n", b"\n")
+    assert b"\r" not in lf
+    tables = []
+    for name, data in (("crlf", crlf), ("lf", lf)):
+        root = write_meld(tmp_path / name, {"train": rows}, raw={"train": data})
+        utterances, _ = prep.prepare(params_for(root))
+        tables.append([(u.utterance_id, u.text, u.speaker, u.emotion) for u in utterances])
+    assert tables[0] == tables[1]
+    assert ("train/dia0_utt1", 'He said "no, never".', "Rachel", "anger") in tables[0]
+    assert not any("\r" in text for _, text, _, _ in tables[0])
+
+
+def test_unknown_emotion_names_file_and_row(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"dev": [row(0, 0), row(0, 1, emotion="contempt")]})
+    with pytest.raises(DatasetError) as err:
+        prep.prepare(params_for(root))
+    message = str(err.value)
+    assert str(root / "dev_sent_emo.csv") in message
+    assert re.search(r"\brow 2\b", message) and "'contempt'" in message
+
+
+def test_unknown_sentiment_names_file_and_row(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"test": [row(0, 0), row(0, 1), row(1, 0, sentiment="mixed")]})
+    with pytest.raises(DatasetError) as err:
+        prep.prepare(params_for(root))
+    assert str(root / "test_sent_emo.csv") in str(err.value)
+    assert re.search(r"\brow 3\b", str(err.value)) and "'mixed'" in str(err.value)
+
+
+def test_duplicate_utterance_names_both_rows(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1), row(0, 2), row(0, 1, "Again.")]})
+    with pytest.raises(DatasetError) as err:
+        prep.prepare(params_for(root))
+    message = str(err.value)
+    assert str(root / "train_sent_emo.csv") in message
+    assert re.search(r"\brow 4\b", message) and re.search(r"\brow 2\b", message)
+    assert "Dialogue_ID=0" in message and "Utterance_ID=1" in message
+
+
+def test_missing_column_names_the_column(tmp_path: Path):
+    header = [c for c in MELD_HEADER if c != "Sentiment"]
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0)]},
+                      raw={"train": meld_csv_bytes([row(0, 0)], header=header)})
+    with pytest.raises(DatasetError) as err:
+        prep.prepare(params_for(root))
+    assert "'Sentiment'" in str(err.value) and "train_sent_emo.csv" in str(err.value)
+
+
+def test_non_integer_ids_are_rejected(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), {**row(0, 1), "Utterance_ID": "1a"}]},
+                      missing={"train/dia0_utt1a"})
+    with pytest.raises(DatasetError, match=r"row 2.*'1a'"):
+        prep.prepare(params_for(root))
+
+
+def test_missing_split_file_and_missing_root(tmp_path: Path):
+    root = write_meld(tmp_path / "meld")
+    (root / "dev_sent_emo.csv").unlink()
+    with pytest.raises(DatasetError, match="dev_sent_emo.csv: not found"):
+        prep.prepare(params_for(root))
+    with pytest.raises(DatasetError, match="not a directory"):
+        prep.prepare(params_for(tmp_path / "nowhere"))
+
+
+def test_empty_text_is_kept_and_reported(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0, "   "), row(0, 1, "Hi.")]})
+    utterances, report = prep.prepare(params_for(root))
+    assert by_id(utterances)["train/dia0_utt0"].text == ""
+    assert report["empty_text"] == ["train/dia0_utt0"]
+
+
+@pytest.mark.xfail(reason="prepare lower-cases the CSV's labels but compares them with data.emotions as written: "
+                          "data.emotions [Neutral, Joy] rejects a row labelled 'Neutral'", strict=True,
+                   raises=DatasetError)
+def test_labels_in_params_are_matched_case_insensitively(tmp_path: Path):
+    root = write_meld(tmp_path / "meld", {split: [row(0, 0, emotion="Neutral")] for split in MELD_CSVS})
+    utterances, _ = prep.prepare(params_for(root, emotions=["Neutral", "Joy"]))
+    assert len(utterances) == 3
+
+
+def test_run_writes_table_and_report_that_load_back(tmp_path: Path, stage_dir: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0, 'Quote "this", and, commas.'), row(0, 1, "")],
+                                          "dev": [row(2, 0, "Ünïcödé ’quotes’")]},
+                      missing={"dev/dia2_utt0"})
+    params = params_for(root)
+    prep.run(params)
+    table = load_utterances()
+    assert table == prep.prepare(params)[0]
+    assert by_id(table)["dev/dia2_utt0"].clip == ""
+    assert by_id(table)["train/dia0_utt0"].text == 'Quote "this", and, commas.'
+    report = json.loads(Path("data/prepared/report.json").read_text(encoding="utf-8"))
+    assert report["splits"]["dev"]["missing_clips"] == ["dev/dia2_utt0"]
+    assert report["empty_text"] == ["train/dia0_utt1"]
+
+
+def test_load_utterances_before_the_stage_ran(stage_dir: Path):
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        load_utterances()
+
+
+def _run_cli(args: list[str], cwd: Path, repo_root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_dataset_exits_1_with_one_error_line(tmp_path: Path, repo_root: Path):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1, emotion="angry")]})
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  root: {root}\n", encoding="utf-8")
+    result = _run_cli(["--params", str(params)], tmp_path, repo_root)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "train_sent_emo.csv" in lines[0] and "row 2" in lines[0]
+    assert not (tmp_path / "data" / "prepared" / "utterances.csv").exists()
+
+
+def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path, repo_root: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  missing_clips: skip\n", encoding="utf-8")
+    result = _run_cli(["--params", str(params)], tmp_path, repo_root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "data.missing_clips" in result.stderr
+
+
+# --- real MELD text and labels (../shared), skipped when absent -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meld_prepared(meld_dir: Path):
+    return prep.prepare(params_for(meld_dir))
+
+
+def test_real_meld_counts(meld_prepared):
+    utterances, report = meld_prepared
+    assert len(utterances) == 13708
+    splits = report["splits"]
+    assert {s: splits[s]["rows"] for s in splits} == {"train": 9989, "dev": 1109, "test": 2610}
+    assert {s: splits[s]["kept"] for s in splits} == {"train": 9989, "dev": 1109, "test": 2610}
+    assert {s: splits[s]["dialogues"] for s in splits} == {"train": 1038, "dev": 114, "test": 280}
+    # MELD's published train label distribution.
+    assert splits["train"]["emotions"] == {"neutral": 4710, "joy": 1743, "surprise": 1205, "anger": 1109,
+                                           "sadness": 683, "disgust": 271, "fear": 268}
+    assert len({u.utterance_id for u in utterances}) == 13708
+
+
+def test_real_meld_structure(meld_prepared):
+    utterances, report = meld_prepared
+    train_dialogues = {u.dialogue_id for u in utterances if u.split == "train"}
+    assert "train/60" not in train_dialogues and "train/59" in train_dialogues and "train/61" in train_dialogues
+    # No clips in ../shared: every row is kept text-only and listed.
+    assert all(u.clip == "" for u in utterances)
+    assert sum(len(s["missing_clips"]) for s in report["splits"].values()) == 13708
+    # Typographic characters are real UTF-8 there: nothing repaired, no replacement characters.
+    assert all(s["repaired_bytes"] == 0 for s in report["splits"].values())
+    assert not any("\ufffd" in u.text or "\x92" in u.text for u in utterances)
+    assert sum("’" in u.text for u in utterances) > 1000
+    first = utterances[0]
+    assert (first.utterance_id, first.speaker) == ("train/dia0_utt0", "Chandler")
+    assert first.text.startswith("also I was the point person on my company’s transition")
+    # Dialogue order: within each dialogue the utterance indices increase.
+    last: dict[str, int] = {}
+    for u in utterances:
+        assert u.utterance_index > last.get(u.dialogue_id, -1)
+        last[u.dialogue_id] = u.utterance_index
+
+
+def test_real_meld_skip_policy_without_clips_keeps_nothing(meld_dir: Path):
+    utterances, report = prep.prepare(params_for(meld_dir, missing_clip="skip"))
+    assert utterances == []
+    assert report["splits"]["dev"]["rows"] == 1109 and report["splits"]["dev"]["kept"] == 0
+
+
+def test_real_meld_resaved_with_cp1252_apostrophes_gives_the_same_text(meld_dir: Path, tmp_path: Path,
+                                                                      meld_prepared):
+    copy = tmp_path / "meld"
+    copy.mkdir()
+    for name in MELD_CSVS.values():
+        shutil.copy(meld_dir / name, copy / name)
+    dev = (meld_dir / "dev_sent_emo.csv").read_bytes()
+    apostrophe = "’".encode("utf-8")
+    replaced = dev.count(apostrophe)
+    assert replaced > 100
+    (copy / "dev_sent_emo.csv").write_bytes(dev.replace(apostrophe, b"\x92"))
+    utterances, report = prep.prepare(params_for(copy))
+    assert report["splits"]["dev"]["repaired_bytes"] == replaced
+    original = [(u.utterance_id, u.text) for u in meld_prepared[0]]
+    assert [(u.utterance_id, u.text) for u in utterances] == original
