@@ -91,10 +91,14 @@ def load_checkpoint(path: Path = CHECKPOINT) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def train(params: Params, splits: dict[str, list[Dialogue]], encoders: dict, live=None) -> dict:
+def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int, encoders: dict | None = None,
+          live=None) -> dict:
     """Train on ``splits["train"]``, select on ``splits["dev"]`` by emotion weighted F1.
 
     Args:
+        splits: ``{"train": [...], "dev": [...]}`` dialogues (see :func:`pipeline.data.load_dialogues`).
+        num_relations: relation types of the dialogue graphs.
+        encoders: which encoders produced the features (stored in the checkpoint).
         live: a ``dvclive.Live`` to log per-epoch metrics to, or None.
 
     Returns:
@@ -108,7 +112,6 @@ def train(params: Params, splits: dict[str, list[Dialogue]], encoders: dict, liv
             raise ValueError(f"the {split} split has no dialogues; check data.root and the prepare report")
     set_seed(params.train.seed)
     device = default_device()
-    _, num_relations = load_graphs()
     example = splits["train"][0]
     input_sizes = {m: int(f.shape[1]) for m, f in example.features.items()}
     model = ERCModel(input_sizes, len(params.data.emotions), len(params.data.sentiments), num_relations,
@@ -154,7 +157,7 @@ def train(params: Params, splits: dict[str, list[Dialogue]], encoders: dict, liv
     return {
         "state_dict": best["state_dict"], "model": params.model.model_dump(), "input_sizes": input_sizes,
         "emotions": list(params.data.emotions), "sentiments": list(params.data.sentiments),
-        "num_relations": num_relations, "encoders": encoders, "lr": params.train.lr,
+        "num_relations": num_relations, "encoders": encoders or {}, "lr": params.train.lr,
         "best_epoch": best["epoch"], "best_dev_weighted_f1": best["dev_weighted_f1"],
         "best_dev_accuracy": best["dev_accuracy"],
     }
@@ -167,8 +170,9 @@ def run(params: Params) -> None:
     from pipeline.data import load_dialogues
 
     splits, encoders = load_dialogues(params.data.emotions, params.data.sentiments)
+    _, num_relations = load_graphs()
     with Live(str(TRAIN_METRICS_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        checkpoint = train(params, splits, encoders, live)
+        checkpoint = train(params, splits, num_relations, encoders, live)
         live.summary.update({"best_epoch": checkpoint["best_epoch"],
                              "best_dev_weighted_f1": checkpoint["best_dev_weighted_f1"],
                              "best_dev_accuracy": checkpoint["best_dev_accuracy"], "lr_configured": params.train.lr})

@@ -1,0 +1,158 @@
+"""Model, losses and training loop on small synthetic dialogues (no files, no encoders)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from pipeline.build_graphs import build_dialogue_graph, num_relations
+from pipeline.config import parse_params
+from pipeline.data import MODALITIES, Dialogue, collate
+from pipeline.losses import erc_loss, supcon_loss
+from pipeline.modeling import ERCModel, pad_dialogues, unpad_dialogues
+from pipeline.train import build_model, predict, train
+
+SIZES = {"text": 12, "audio": 6, "visual": 8}
+EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+
+
+def make_dialogues(n: int, seed: int, params, learnable: bool = True) -> list[Dialogue]:
+    """Random dialogues whose text features encode the emotion (so a model can learn it)."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(len(EMOTIONS), SIZES["text"], generator=torch.Generator().manual_seed(99))
+    out = []
+    for d in range(n):
+        t = int(torch.randint(3, 7, (1,), generator=g))
+        emotion = torch.randint(0, len(EMOTIONS), (t,), generator=g)
+        speakers = [["A", "B", "C"][int(i)] for i in torch.randint(0, 3, (t,), generator=g)]
+        features = {m: torch.randn(t, s, generator=g) for m, s in SIZES.items()}
+        if learnable:
+            features["text"] = prototypes[emotion] + 0.3 * features["text"]
+        masks = {m: torch.rand(t, generator=g) > 0.2 for m in MODALITIES}
+        masks["text"][:] = True
+        out.append(Dialogue(f"x/{d}", [f"x/dia{d}_utt{i}" for i in range(t)], features, masks, emotion,
+                            torch.div(emotion, 3, rounding_mode="floor"),
+                            build_dialogue_graph(speakers, params.graph)))
+    return out
+
+
+def small_params(**overrides):
+    raw = {"model": {"hidden_size": 16, "num_heads": 2, "dropout": 0.1},
+           "train": {"epochs": 3, "batch_dialogues": 2, "lr": 3e-3}}
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})[key] = value
+    return parse_params(raw)
+
+
+def make_model(params) -> ERCModel:
+    torch.manual_seed(0)
+    return ERCModel(SIZES, len(EMOTIONS), 3, num_relations(params.graph), params.model)
+
+
+def test_pad_unpad_roundtrip():
+    x = torch.arange(12.0).reshape(6, 2)
+    padded, valid = pad_dialogues(x, [2, 4])
+    assert padded.shape == (2, 4, 2)
+    assert valid.tolist() == [[True, True, False, False], [True] * 4]
+    assert torch.equal(unpad_dialogues(padded, valid), x)
+
+
+@pytest.mark.parametrize("fusion,graph,relations", list(itertools.product(
+    ["concat", "cross_attention"], ["none", "gcn", "adaptive"], ["same_other", "speaker_pair"])))
+def test_every_configuration_shapes_and_gradients(fusion, graph, relations):
+    params = small_params(**{"model.fusion": fusion, "model.graph": graph, "graph.relations": relations,
+                             "graph.max_speakers": 3})
+    model = make_model(params)
+    batch = collate(make_dialogues(3, seed=1, params=params))
+    batch.masks["text"][0] = False  # so that every modality's "missing" embedding is used
+    out = model(batch)
+    n = sum(batch.lengths)
+    assert out.emotion_logits.shape == (n, len(EMOTIONS))
+    assert out.sentiment_logits.shape == (n, 3)
+    assert out.projections.shape == (n, 16)
+    assert torch.allclose(out.projections.norm(dim=-1), torch.ones(n), atol=1e-5)
+    loss, parts = erc_loss(out.emotion_logits, out.sentiment_logits, out.projections, batch.emotion,
+                           batch.sentiment, params.loss)
+    loss.backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == [], f"parameters without gradient: {no_grad}"
+    assert set(parts) == {"emotion", "sentiment", "contrastive"}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+def test_masked_modality_features_change_nothing(fusion):
+    params = small_params(**{"model.fusion": fusion})
+    model = make_model(params).eval()
+    dialogues = make_dialogues(2, seed=2, params=params)
+    batch = collate(dialogues)
+    with torch.no_grad():
+        before = model(batch).emotion_logits
+        for m in ("audio", "visual"):
+            masked = ~batch.masks[m]
+            assert masked.any()
+            batch.features[m][masked] = torch.randn(int(masked.sum()), SIZES[m]) * 100
+        after = model(batch).emotion_logits
+        assert torch.allclose(before, after, atol=1e-5)
+        # ...while a present modality's features do matter
+        batch.features["audio"][batch.masks["audio"]] += 5.0
+        assert not torch.allclose(after, model(batch).emotion_logits, atol=1e-4)
+
+
+def test_dialogue_with_modality_missing_everywhere_is_finite():
+    params = small_params()
+    model = make_model(params).eval()
+    batch = collate(make_dialogues(2, seed=3, params=params))
+    batch.masks["visual"][:] = False
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.isfinite(out.emotion_logits).all()
+
+
+def test_supcon_loss_prefers_clustered_embeddings():
+    labels = torch.tensor([0, 0, 1, 1])
+    clustered = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=-1)
+    mixed = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0, 1.0], [0.9, 0.1], [0.1, 0.9]]), dim=-1)
+    assert supcon_loss(clustered, labels, 0.1) < supcon_loss(mixed, labels, 0.1)
+    # hand computation for two anchors with one positive each and tau = 1
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    expected = -math.log(math.exp(1) / (math.exp(1) + math.exp(0)))
+    assert supcon_loss(z, torch.tensor([0, 0, 1]), 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_supcon_without_positives_is_zero_with_gradient():
+    z = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1).requires_grad_()
+    loss = supcon_loss(z, torch.tensor([0, 1, 2]), 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_training_learns_and_is_repeatable():
+    params = small_params(**{"train.epochs": 25})
+    splits = {"train": make_dialogues(16, seed=4, params=params), "dev": make_dialogues(6, seed=5, params=params)}
+    first = train(params, splits, num_relations(params.graph))
+    second = train(params, splits, num_relations(params.graph))
+    assert first["best_dev_weighted_f1"] == second["best_dev_weighted_f1"]
+    assert first["best_epoch"] == second["best_epoch"]
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+    assert first["best_dev_weighted_f1"] > 0.6  # chance is about 1/7
+    model = build_model(first)
+    out = predict(model, splits["dev"], params, torch.device("cpu"))
+    assert out["emotion_prob"].shape == (sum(len(d) for d in splits["dev"]), len(EMOTIONS))
+
+
+def test_training_on_shuffled_labels_stays_near_chance():
+    params = small_params(**{"train.epochs": 25})
+    splits = {"train": make_dialogues(16, seed=4, params=params, learnable=False),
+              "dev": make_dialogues(6, seed=5, params=params, learnable=False)}
+    assert train(params, splits, num_relations(params.graph))["best_dev_weighted_f1"] < 0.5
+
+
+def test_train_refuses_empty_dev_split():
+    params = small_params()
+    with pytest.raises(ValueError, match="dev split"):
+        train(params, {"train": make_dialogues(2, seed=1, params=params), "dev": []}, 5)
