@@ -92,8 +92,10 @@ class GraphParams(_Section):
 class ModelParams(_Section):
     """``model``: the fusion + graph network (stage ``train``); see :mod:`pipeline.modeling`."""
 
-    hidden_size: int = Field(128, ge=8)
-    fusion: Literal["concat", "cross_attention"] = "cross_attention"
+    hidden_size: int = Field(128, ge=8, multiple_of=2)
+    context: Literal["gru", "transformer", "none"] = "gru"
+    fusion: Literal["concat", "cross_attention", "joint_vectors"] = "cross_attention"
+    num_joint_vectors: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     graph: Literal["none", "gcn", "adaptive"] = "adaptive"
     num_bases: int = Field(4, ge=1)
@@ -110,7 +112,8 @@ class LossParams(_Section):
     """``loss``: CE(emotion) + sentiment_weight * CE(sentiment) + contrastive_weight * contrastive."""
 
     sentiment_weight: float = Field(0.5, ge=0)
-    contrastive: Literal["none", "supcon"] = "supcon"
+    class_weights: Literal["none", "inverse_frequency"] = "none"
+    contrastive: Literal["none", "supcon", "interclass"] = "supcon"
     contrastive_weight: float = Field(0.1, ge=0)
     temperature: float = Field(0.1, gt=0)
 
@@ -122,6 +125,7 @@ class TrainParams(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(40, ge=1)
     warmup_epochs: int = Field(2, ge=0)
+    patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better dev weighted F1
     batch_dialogues: int = Field(4, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0

@@ -1,10 +1,14 @@
 """Training losses: multi-task cross-entropy plus a supervised contrastive term.
 
-``loss = CE(emotion) + loss.sentiment_weight * CE(sentiment) + loss.contrastive_weight * SupCon``
+``loss = CE(emotion) + loss.sentiment_weight * CE(sentiment) + loss.contrastive_weight * contrastive``
 
 * multi-task emotion + sentiment (coarse-grained) classification: paper 000 (arXiv 2501.15063);
-* supervised contrastive loss on emotion labels (Khosla et al. 2020, arXiv 2004.11362), the base of
-  paper 001's inter-class contrastive learning (arXiv 2405.17900).
+  optional class weights for the emotion CE (``loss.class_weights: inverse_frequency``);
+* ``loss.contrastive: supcon``: supervised contrastive loss on emotion labels (Khosla et al. 2020,
+  arXiv 2004.11362);
+* ``loss.contrastive: interclass``: paper 001's inter-class contrastive learning (arXiv 2405.17900),
+  rebuilt from its abstract: SupCon with rare classes weighted up, plus a term that pushes the class
+  centres of the batch apart.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import torch.nn.functional as F
 from pipeline.config import LossParams
 
 
-def supcon_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def supcon_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: float,
+                anchor_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, "L_out" form) over one batch.
 
     Args:
         projections: ``[N, P]`` L2-normalised embeddings.
         labels: ``[N]`` class indices; utterances with the same label are positives of each other.
         temperature: softmax temperature tau (> 0).
+        anchor_weights: optional ``[N]`` weight of each anchor (weighted mean instead of mean).
 
     Returns:
         scalar: mean over anchors that have at least one positive of
@@ -39,25 +45,69 @@ def supcon_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: fl
     if not anchors.any():
         return projections.sum() * 0.0
     per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1)[anchors]) / counts[anchors]
-    return per_anchor.mean()
+    if anchor_weights is None:
+        return per_anchor.mean()
+    weights = anchor_weights[anchors]
+    return (per_anchor * weights).sum() / weights.sum()
+
+
+def class_centre_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: float,
+                      class_weights: torch.Tensor) -> torch.Tensor:
+    """Pushes the class centres of a batch apart (the inter-class term of paper 001, rebuilt).
+
+    Centres ``c_k`` = normalised mean projection of class ``k`` in the batch; the loss is the
+    ``class_weights``-weighted mean over present classes of ``log sum_{l != k} exp(c_k . c_l / tau)``.
+
+    Args:
+        projections: ``[N, P]`` L2-normalised; labels: ``[N]``; class_weights: ``[C]``.
+
+    Returns:
+        scalar; 0 (with a gradient path) when fewer than two classes are present.
+    """
+    classes = labels.unique()
+    if classes.numel() < 2:
+        return projections.sum() * 0.0
+    onehot = (labels[:, None] == classes[None, :]).to(projections.dtype)  # [N, K]
+    centres = F.normalize(onehot.T @ projections, dim=-1)  # [K, P]
+    similarity = centres @ centres.T / temperature  # [K, K]
+    similarity = similarity.masked_fill(torch.eye(len(classes), dtype=torch.bool, device=labels.device), float("-inf"))
+    weights = class_weights[classes]
+    return (torch.logsumexp(similarity, dim=1) * weights).sum() / weights.sum()
+
+
+def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[num_classes]`` weights ``N / (C * count_k)`` (1 for a balanced set; absent classes get 0)."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weights = labels.numel() / (num_classes * counts.clamp_min(1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
 def erc_loss(emotion_logits: torch.Tensor, sentiment_logits: torch.Tensor, projections: torch.Tensor,
-             emotion: torch.Tensor, sentiment: torch.Tensor, config: LossParams) -> tuple[torch.Tensor, dict[str, float]]:
+             emotion: torch.Tensor, sentiment: torch.Tensor, config: LossParams,
+             class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training objective for one batch.
 
     Args:
         emotion_logits ``[N, C_e]``, sentiment_logits ``[N, C_s]``, projections ``[N, P]``;
-        emotion, sentiment: ``[N]`` label indices.
+        emotion, sentiment: ``[N]`` label indices;
+        class_weights: ``[C_e]`` emotion class weights (training-set inverse frequency), used by the CE
+            when ``config.class_weights`` asks for them and by the ``interclass`` term (in-batch
+            inverse frequency when None).
 
     Returns:
         (total loss, {"emotion": ..., "sentiment": ..., "contrastive": ...} as floats for logging).
     """
-    emotion_ce = F.cross_entropy(emotion_logits, emotion)
+    ce_weights = class_weights if config.class_weights == "inverse_frequency" else None
+    emotion_ce = F.cross_entropy(emotion_logits, emotion, weight=ce_weights)
     sentiment_ce = F.cross_entropy(sentiment_logits, sentiment)
     total = emotion_ce + config.sentiment_weight * sentiment_ce
     contrastive = torch.zeros((), device=emotion_logits.device)
-    if config.contrastive == "supcon" and config.contrastive_weight > 0:
-        contrastive = supcon_loss(projections, emotion, config.temperature)
+    if config.contrastive != "none" and config.contrastive_weight > 0:
+        if config.contrastive == "supcon":
+            contrastive = supcon_loss(projections, emotion, config.temperature)
+        else:
+            weights = class_weights if class_weights is not None else inverse_frequency(emotion, emotion_logits.shape[1])
+            contrastive = (supcon_loss(projections, emotion, config.temperature, anchor_weights=weights[emotion])
+                           + class_centre_loss(projections, emotion, config.temperature, weights))
         total = total + config.contrastive_weight * contrastive
     return total, {"emotion": emotion_ce.item(), "sentiment": sentiment_ce.item(), "contrastive": contrastive.item()}

@@ -4,9 +4,11 @@ A reconstruction of the two papers' architecture from their abstracts and the fi
 (see ``../shared/notes/model.md`` and the README's "Model" section); it is not the authors' code.
 
     per modality m in (text, audio, visual):
-        ModalityEncoder      [N, D_m] -> [N, H]    projection, learned "missing" embedding, bi-GRU context
+        ModalityEncoder      [N, D_m] -> [N, H]    projection, learned "missing" embedding, dialogue
+                                                    context (bi-GRU or transformer)
     CrossModalFusion         {m: [N, H]} -> [N, H]  text-anchored cross-attention both ways (paper 000,
-                                                    MultiEMO's bidirectional cross-attention), or concat
+                                                    MultiEMO's bidirectional cross-attention), joint
+                                                    vectors (paper 001), or concat
     DialogueGraphEncoder     [N, H] -> [N, H]       RelGraphConv (basis) + GraphConv over the dialogue
                                                     graph, edge weights from node features ("adaptive",
                                                     paper 000) or fixed 1/in-degree ("gcn")
@@ -48,24 +50,40 @@ class ModalityEncoder(nn.Module):
     """Projects one modality to the common size and adds dialogue context.
 
     ``[N, D_m]`` -> Linear + LayerNorm + GELU -> ``[N, H]``; utterances where the modality is missing get
-    a learned embedding instead (their feature rows are never read); a bidirectional GRU over each
-    dialogue adds context (DialogueRNN / COGMEN-style context encoder), with a residual connection.
+    a learned embedding instead (their feature rows are never read). ``context``: a bidirectional GRU
+    over each dialogue (DialogueRNN / COGMEN-style), a one-layer transformer encoder with learned
+    positions (up to ``max_positions`` utterances; later ones share the last position), or ``none``;
+    residual connection and LayerNorm. Output ``[N, H]``.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, dropout: float):
+    def __init__(self, input_size: int, hidden_size: int, dropout: float, context: str = "gru",
+                 num_heads: int = 4, max_positions: int = 256):
         super().__init__()
         self.project = nn.Sequential(nn.Linear(input_size, hidden_size), nn.LayerNorm(hidden_size), nn.GELU(),
                                      nn.Dropout(dropout))
         self.missing = nn.Parameter(torch.randn(hidden_size) * 0.02)
-        self.context = nn.GRU(hidden_size, hidden_size // 2, batch_first=True, bidirectional=True)
+        self.kind = context
+        if context == "gru":
+            self.context = nn.GRU(hidden_size, hidden_size // 2, batch_first=True, bidirectional=True)
+        elif context == "transformer":
+            self.positions = nn.Embedding(max_positions, hidden_size)
+            self.context = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(hidden_size, num_heads, 2 * hidden_size, dropout, batch_first=True,
+                                           norm_first=True), num_layers=1, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         h = torch.where(mask[:, None], self.project(x), self.missing.expand(x.shape[0], -1))  # [N, H]
+        if self.kind == "none":
+            return self.norm(h)
         padded, valid = pad_dialogues(h, lengths)  # [B, T, H]
-        packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
-        context, _ = self.context(packed)
-        context, _ = pad_packed_sequence(context, batch_first=True, total_length=padded.shape[1])  # [B, T, H]
+        if self.kind == "gru":
+            packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+            context, _ = self.context(packed)
+            context, _ = pad_packed_sequence(context, batch_first=True, total_length=padded.shape[1])  # [B, T, H]
+        else:
+            steps = torch.arange(padded.shape[1], device=h.device).clamp_max(self.positions.num_embeddings - 1)
+            context = self.context(padded + self.positions(steps)[None], src_key_padding_mask=~valid)  # [B, T, H]
         return self.norm(h + unpad_dialogues(context, valid))  # [N, H]
 
 
@@ -91,16 +109,40 @@ class CrossModalAttention(nn.Module):
         return self.norm(query + self.dropout(attended))
 
 
-class CrossModalFusion(nn.Module):
-    """Fuses the modality streams ``{m: [N, H]}`` into ``[N, H]``.
+class JointVectorFusion(nn.Module):
+    """Fusion through learnable joint vectors (paper 001's "connection vectors", rebuilt as an attention
+    bottleneck): ``K`` learned vectors attend over the modality tokens of each utterance.
 
-    ``cross_attention`` (paper 000's cross-modal context fusion, rebuilt after MultiEMO's bidirectional
-    multi-head cross-attention, TaoShi1998/MultiEMO): text attends to audio and to visual, audio and
-    visual attend to text; the four aligned streams are concatenated and projected. ``concat``: the
-    baseline, the three streams concatenated and projected.
+    ``tokens``: ``[N, M, H]`` (M = 3 modalities), ``present``: ``[N, M]``; a missing modality is not
+    attended to. Output ``[N, K * H]`` (the K attended vectors, concatenated).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, mode: str):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, num_vectors: int):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.randn(num_vectors, hidden_size) * 0.02)
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        queries = self.vectors.expand(tokens.shape[0], -1, -1)  # [N, K, H]
+        nothing = ~present.any(1)  # an utterance with no modality at all attends to its (missing) tokens
+        padding = ~present & ~nothing[:, None]
+        attended, _ = self.attention(queries, tokens, tokens, key_padding_mask=padding, need_weights=False)
+        return self.norm(queries + attended).flatten(1)  # [N, K * H]
+
+
+class CrossModalFusion(nn.Module):
+    """Fuses the modality streams ``{m: [N, H]}`` into ``[N, H]`` (``model.fusion``).
+
+    * ``cross_attention`` (paper 000's cross-modal context fusion, rebuilt after MultiEMO's
+      bidirectional multi-head cross-attention, TaoShi1998/MultiEMO): within each dialogue, text attends
+      to audio and to visual, audio and visual attend to text; the four aligned streams are concatenated
+      and projected;
+    * ``joint_vectors`` (paper 001): :class:`JointVectorFusion` over the three modality tokens;
+    * ``concat``: the baseline, the three streams concatenated and projected.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, mode: str, num_joint_vectors: int = 4):
         super().__init__()
         self.mode = mode
         if mode == "cross_attention":
@@ -108,6 +150,9 @@ class CrossModalFusion(nn.Module):
             self.attend = nn.ModuleDict({f"{q}_{k}": CrossModalAttention(hidden_size, num_heads, dropout)
                                          for q, k in self.pairs})
             n_streams = len(self.pairs)
+        elif mode == "joint_vectors":
+            self.joint = JointVectorFusion(hidden_size, num_heads, dropout, num_joint_vectors)
+            n_streams = num_joint_vectors
         else:
             n_streams = len(MODALITIES)
         self.out = nn.Sequential(nn.Linear(n_streams * hidden_size, hidden_size), nn.GELU(), nn.Dropout(dropout),
@@ -117,6 +162,10 @@ class CrossModalFusion(nn.Module):
                 lengths: list[int]) -> torch.Tensor:
         if self.mode == "concat":
             return self.out(torch.cat([streams[m] for m in MODALITIES], dim=-1))
+        if self.mode == "joint_vectors":
+            tokens = torch.stack([streams[m] for m in MODALITIES], dim=1)  # [N, 3, H]
+            present = torch.stack([masks[m] for m in MODALITIES], dim=1)  # [N, 3]
+            return self.out(self.joint(tokens, present))
         padded, valid = {}, {}
         for m in MODALITIES:
             padded[m], in_dialogue = pad_dialogues(streams[m], lengths)  # [B, T, H], [B, T]
@@ -186,8 +235,9 @@ class ERCModel(nn.Module):
                  config: ModelParams):
         super().__init__()
         h = config.hidden_size
-        self.encoders = nn.ModuleDict({m: ModalityEncoder(input_sizes[m], h, config.dropout) for m in MODALITIES})
-        self.fusion = CrossModalFusion(h, config.num_heads, config.dropout, config.fusion)
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(input_sizes[m], h, config.dropout, config.context,
+                                                          config.num_heads) for m in MODALITIES})
+        self.fusion = CrossModalFusion(h, config.num_heads, config.dropout, config.fusion, config.num_joint_vectors)
         self.graph = None if config.graph == "none" else DialogueGraphEncoder(
             h, num_relations, config.num_bases, config.dropout, config.graph)
         rep = h if self.graph is None else 2 * h

@@ -2,7 +2,8 @@
 
 Batches are whole dialogues (``train.batch_dialogues`` per step, DGL-batched graphs); AdamW with a
 linear warm-up over ``train.warmup_epochs``, then the constant ``train.lr``; gradient clipping; the
-loss of :mod:`pipeline.losses`. Seeds are fixed and deterministic algorithms requested, so two CPU runs
+loss of :mod:`pipeline.losses`; optional early stopping after ``train.patience`` epochs without a
+better dev weighted F1. Seeds are fixed and deterministic algorithms requested, so two CPU runs
 give the same metrics. Per-epoch train/dev loss, dev weighted F1 / accuracy and the learning rate go
 to DVCLive (``metrics/train/``).
 
@@ -27,7 +28,7 @@ from pipeline.config import ModelParams, Params, run_stage
 from pipeline.data import Dialogue, batches
 from pipeline.encoders import default_device
 from pipeline.features import atomic_path
-from pipeline.losses import erc_loss
+from pipeline.losses import erc_loss, inverse_frequency
 from pipeline.modeling import ERCModel
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def set_seed(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: ERCModel, dialogues: list[Dialogue], params: Params, device: torch.device) -> dict:
+def predict(model: ERCModel, dialogues: list[Dialogue], params: Params, device: torch.device,
+            class_weights: torch.Tensor | None = None) -> dict:
     """Run the model over dialogues (eval mode).
 
     Returns:
@@ -59,7 +61,7 @@ def predict(model: ERCModel, dialogues: list[Dialogue], params: Params, device: 
         batch = batch.to(device)
         result = model(batch)
         loss, _ = erc_loss(result.emotion_logits, result.sentiment_logits, result.projections,
-                           batch.emotion, batch.sentiment, params.loss)
+                           batch.emotion, batch.sentiment, params.loss, class_weights)
         losses.append(loss.item())
         out["utterance_ids"] += batch.utterance_ids
         out["emotion_prob"].append(result.emotion_logits.softmax(-1).cpu())
@@ -116,6 +118,8 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
     input_sizes = {m: int(f.shape[1]) for m, f in example.features.items()}
     model = ERCModel(input_sizes, len(params.data.emotions), len(params.data.sentiments), num_relations,
                      params.model).to(device)
+    class_weights = inverse_frequency(torch.cat([d.emotion for d in splits["train"]]),
+                                      len(params.data.emotions)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     steps_per_epoch = -(-len(splits["train"]) // params.train.batch_dialogues)
     warmup = max(1, params.train.warmup_epochs * steps_per_epoch)
@@ -130,7 +134,7 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
             batch = batch.to(device)
             result = model(batch)
             loss, _ = erc_loss(result.emotion_logits, result.sentiment_logits, result.projections,
-                               batch.emotion, batch.sentiment, params.loss)
+                               batch.emotion, batch.sentiment, params.loss, class_weights)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
@@ -138,7 +142,7 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
             scheduler.step()
             train_losses.append(loss.item())
         lr = optimizer.param_groups[0]["lr"]
-        dev = predict(model, splits["dev"], params, device)
+        dev = predict(model, splits["dev"], params, device, class_weights)
         dev_pred = dev["emotion_prob"].argmax(-1)
         dev_f1 = f1_score(dev["emotion"], dev_pred, average="weighted", zero_division=0)
         dev_acc = accuracy_score(dev["emotion"], dev_pred)
@@ -154,12 +158,15 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
         if dev_f1 > best["dev_weighted_f1"]:
             best = {"dev_weighted_f1": float(dev_f1), "dev_accuracy": float(dev_acc), "epoch": epoch + 1,
                     "state_dict": copy.deepcopy(model.state_dict())}
+        elif params.train.patience is not None and epoch + 1 - best["epoch"] >= params.train.patience:
+            log.info("early stopping: no better dev weighted F1 for %d epochs", params.train.patience)
+            break
     return {
         "state_dict": best["state_dict"], "model": params.model.model_dump(), "input_sizes": input_sizes,
         "emotions": list(params.data.emotions), "sentiments": list(params.data.sentiments),
         "num_relations": num_relations, "encoders": encoders or {}, "lr": params.train.lr,
         "best_epoch": best["epoch"], "best_dev_weighted_f1": best["dev_weighted_f1"],
-        "best_dev_accuracy": best["dev_accuracy"],
+        "best_dev_accuracy": best["dev_accuracy"], "epochs_run": epoch + 1,
     }
 
 

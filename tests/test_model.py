@@ -11,7 +11,7 @@ import torch
 from pipeline.build_graphs import build_dialogue_graph, num_relations
 from pipeline.config import parse_params
 from pipeline.data import MODALITIES, Dialogue, collate
-from pipeline.losses import erc_loss, supcon_loss
+from pipeline.losses import class_centre_loss, erc_loss, inverse_frequency, supcon_loss
 from pipeline.modeling import ERCModel, pad_dialogues, unpad_dialogues
 from pipeline.train import build_model, predict, train
 
@@ -61,11 +61,19 @@ def test_pad_unpad_roundtrip():
     assert torch.equal(unpad_dialogues(padded, valid), x)
 
 
-@pytest.mark.parametrize("fusion,graph,relations", list(itertools.product(
-    ["concat", "cross_attention"], ["none", "gcn", "adaptive"], ["same_other", "speaker_pair"])))
-def test_every_configuration_shapes_and_gradients(fusion, graph, relations):
-    params = small_params(**{"model.fusion": fusion, "model.graph": graph, "graph.relations": relations,
-                             "graph.max_speakers": 3})
+CONFIGURATIONS = [
+    *[{"model.fusion": f, "model.graph": g, "graph.relations": r} for f, g, r in itertools.product(
+        ["concat", "cross_attention", "joint_vectors"], ["none", "gcn", "adaptive"], ["same_other", "speaker_pair"])],
+    *[{"model.context": c} for c in ("transformer", "none")],
+    *[{"loss.contrastive": c, "loss.class_weights": w} for c, w in itertools.product(
+        ["none", "interclass"], ["none", "inverse_frequency"])],
+    {"loss.sentiment_weight": 0.0},
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGURATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_configuration_shapes_and_gradients(overrides):
+    params = small_params(**{"graph.max_speakers": 3, **overrides})
     model = make_model(params)
     batch = collate(make_dialogues(3, seed=1, params=params))
     batch.masks["text"][0] = False  # so that every modality's "missing" embedding is used
@@ -76,14 +84,19 @@ def test_every_configuration_shapes_and_gradients(fusion, graph, relations):
     assert out.projections.shape == (n, 16)
     assert torch.allclose(out.projections.norm(dim=-1), torch.ones(n), atol=1e-5)
     loss, parts = erc_loss(out.emotion_logits, out.sentiment_logits, out.projections, batch.emotion,
-                           batch.sentiment, params.loss)
+                           batch.sentiment, params.loss, inverse_frequency(batch.emotion, len(EMOTIONS)))
     loss.backward()
-    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert no_grad == [], f"parameters without gradient: {no_grad}"
+    unused = set()
+    if params.loss.contrastive == "none" or params.loss.contrastive_weight == 0:
+        unused |= {n for n, _ in model.named_parameters() if n.startswith("projection.")}
+    if params.loss.sentiment_weight == 0:
+        unused |= {"sentiment_head.weight", "sentiment_head.bias"}
+    no_grad = {name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    assert no_grad == unused, f"parameters without gradient: {no_grad - unused}; unexpected gradient: {unused - no_grad}"
     assert set(parts) == {"emotion", "sentiment", "contrastive"}
 
 
-@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention", "joint_vectors"])
 def test_masked_modality_features_change_nothing(fusion):
     params = small_params(**{"model.fusion": fusion})
     model = make_model(params).eval()
@@ -156,3 +169,27 @@ def test_train_refuses_empty_dev_split():
     params = small_params()
     with pytest.raises(ValueError, match="dev split"):
         train(params, {"train": make_dialogues(2, seed=1, params=params), "dev": []}, 5)
+
+
+def test_class_centre_loss_prefers_separated_centres():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    weights = torch.ones(3)
+    apart = torch.nn.functional.normalize(torch.eye(3).repeat_interleave(2, 0), dim=-1)
+    close = torch.nn.functional.normalize(torch.eye(3).repeat_interleave(2, 0) + 2.0, dim=-1)
+    assert class_centre_loss(apart, labels, 0.5, weights) < class_centre_loss(close, labels, 0.5, weights)
+    assert class_centre_loss(apart, torch.zeros(6, dtype=torch.long), 0.5, weights).item() == 0.0
+
+
+def test_inverse_frequency_weights_rare_classes_up():
+    weights = inverse_frequency(torch.tensor([0, 0, 0, 1]), 3)
+    assert weights[1] > weights[0] > 0
+    assert weights[2] == 0  # absent class
+    assert weights[0].item() == pytest.approx(4 / (3 * 3))
+
+
+def test_early_stopping_stops_after_patience():
+    params = small_params(**{"train.epochs": 40, "train.patience": 2})
+    splits = {"train": make_dialogues(8, seed=4, params=params), "dev": make_dialogues(4, seed=5, params=params)}
+    result = train(params, splits, num_relations(params.graph))
+    assert result["epochs_run"] < 40
+    assert result["epochs_run"] - result["best_epoch"] == 2
