@@ -27,6 +27,17 @@ class ParamsError(ValueError):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """Reject ``true``/``false`` where a number is expected (pydantic would read them as 1/0)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None):
+                    raise ValueError(f"{key}: expected a number, got {value!r}")
+        return data
+
 
 class DataParams(_Section):
     """``data``: which dataset ``prepare`` reads and the label sets (stage ``prepare``)."""
@@ -42,8 +53,9 @@ class DataParams(_Section):
     @field_validator("emotions", "sentiments")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
+        v = [label.strip().lower() for label in v]  # the CSV labels are compared lower-cased
         if len(set(v)) != len(v):
-            raise ValueError(f"labels must be unique, got {v}")
+            raise ValueError(f"labels must be unique (case-insensitive), got {v}")
         return v
 
 
@@ -177,6 +189,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot be read as a UTF-8 params file ({err})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

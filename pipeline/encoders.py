@@ -110,15 +110,17 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
     :data:`FACENET_URL`'s release), a path to a local state dict (``.pt``), or ``random``.
 
     Returns:
-        (MTCNN returning one 160x160 face crop per image, InceptionResnetV1 in eval mode, info).
+        (MTCNN returning, per image, its face crops ``[F, 3, 160, 160]`` largest first (or None),
+        InceptionResnetV1 in eval mode, info).
 
     Raises:
         FileNotFoundError: a local weights path that does not exist.
+        ValueError: a local file that is not an InceptionResnetV1 state dict.
         RuntimeError: the download of named weights failed (offline): use a local path or ``random``.
     """
     from facenet_pytorch import MTCNN, InceptionResnetV1
 
-    mtcnn = MTCNN(image_size=160, margin=14, select_largest=True, keep_all=False, post_process=True,
+    mtcnn = MTCNN(image_size=160, margin=14, select_largest=True, keep_all=True, post_process=True,
                   thresholds=[0.6, 0.7, min(0.7, min_face_prob)], device=device)
     if weights == "random":
         torch.manual_seed(0)
@@ -139,7 +141,13 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
                                     f"{' or '.join(FACENET_PRETRAINED)}, or 'random'")
         embedder = InceptionResnetV1(pretrained=None)
         state = torch.load(path, map_location="cpu", weights_only=True)
-        embedder.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")}, strict=False)
+        result = embedder.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")},
+                                          strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("logits.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"visual.face_weights={weights}: not an InceptionResnetV1 state dict "
+                             f"({len(missing)} missing keys, e.g. {missing[:3]}; "
+                             f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})")
         info = {"model": f"InceptionResnetV1 {path}", "pretrained": True}
     info["hidden_size"] = 512
     return mtcnn, embedder.to(device).eval(), info

@@ -52,11 +52,21 @@ def encode_waves(waves: list[torch.Tensor], extractor, model: torch.nn.Module, s
 
 
 def run(params: Params, batch_size: int = 8) -> None:
-    """Decode, resample and encode every utterance's audio; mask the ones without usable audio."""
+    """Decode, resample and encode every utterance's audio; mask the ones without usable audio.
+
+    Models whose first convolution uses group norm over time (``feat_extract_norm="group"``, e.g.
+    wav2vec2-base) normalise over the padded batch, so their utterances are encoded one at a time
+    (features must not depend on batch neighbours); layer-norm models are batched.
+    """
     start = time.perf_counter()
     utterances = load_utterances()
     device = default_device()
     extractor, model, info = load_audio_encoder(params.audio.model, params.audio.random_init, device)
+    if getattr(model.config, "feat_extract_norm", "layer") == "group":
+        batch_size = 1
+    min_samples = 1  # the shortest input the convolutional front end turns into one frame
+    while int(model._get_feat_extract_output_lengths(torch.tensor(min_samples))) < 1:
+        min_samples += 1
     n = len(utterances)
     features = torch.zeros(n, model.config.hidden_size)
     reasons = ["ok"] * n
@@ -73,11 +83,15 @@ def run(params: Params, batch_size: int = 8) -> None:
             reasons[i] = "missing_clip"
             continue
         try:
-            pending.append((i, load_audio(utt.clip, params.audio.sample_rate, params.audio.max_seconds)))
+            wave = load_audio(utt.clip, params.audio.sample_rate, params.audio.max_seconds)
+            if wave.numel() < min_samples:
+                raise MediaError("no_audio", utt.clip, f"only {wave.numel()} samples of audio "
+                                 f"(the encoder needs at least {min_samples})")
         except MediaError as err:
             reasons[i] = err.reason
             log.warning("%s (%s): %s; audio masked", utt.utterance_id, err.reason, err)
             continue
+        pending.append((i, wave))
         if len(pending) >= batch_size:
             flush()
     flush()

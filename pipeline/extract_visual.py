@@ -46,13 +46,15 @@ def embed_faces(frames: list[np.ndarray], mtcnn, embedder: torch.nn.Module, *, m
     """
     crops = []
     for start in range(0, len(frames), batch_frames):
+        # keep_all=True: facenet-pytorch's keep_all=False path fails on batches that mix frames with
+        # and without a face; with select_largest=True, index 0 of each frame is its largest face.
         faces, probs = mtcnn(frames[start:start + batch_frames], return_prob=True)
         for face, prob in zip(faces, probs):
-            # MTCNN's probabilities come as scalars, 1-element arrays or None (object arrays when
-            # some frames of the batch have no face): normalise before comparing.
-            prob = np.asarray(prob, dtype=object).ravel()
-            if face is not None and prob.size and prob[0] is not None and float(prob[0]) >= min_face_prob:
-                crops.append(face)
+            if face is None:
+                continue
+            prob = np.asarray(prob, dtype=object).ravel()  # scalars, arrays or None, depending on the batch
+            if prob.size and prob[0] is not None and float(prob[0]) >= min_face_prob:
+                crops.append(face[0])
     if not crops:
         return None, 0
     embeddings = torch.cat([embedder(torch.stack(crops[s:s + batch_frames]).to(device)).float().cpu()

@@ -43,20 +43,22 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
             if not container.streams.audio:
                 raise MediaError("no_audio", path, "the clip has no audio stream")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # e.g. a file cut inside its header
+                raise MediaError("decode_error", path, "the audio stream has no decodable codec")
             rate = stream.codec_context.sample_rate
-            # Down-mix to mono float at the native rate (libswresample); torchaudio resamples below.
-            to_mono = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            chunks = [out.to_ndarray().reshape(-1)
-                      for frame in container.decode(stream) for out in to_mono.resample(frame)]
-            chunks += [out.to_ndarray().reshape(-1) for out in to_mono.resample(None)]
+            # Convert to planar float at the native rate and layout (libswresample), then average the
+            # channels here: ffmpeg's own down-mix scales by 1/sqrt(2) and can leave [-1, 1].
+            to_float = av.AudioResampler(format="fltp", rate=rate)
+            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in to_float.resample(frame)]
+            chunks += [out.to_ndarray() for out in to_float.resample(None)]
             declared = None
             if stream.duration is not None and stream.time_base is not None:
                 declared = int(round(float(stream.duration * stream.time_base) * rate))
     except MediaError:
         raise
-    except (av.FFmpegError, OSError, ValueError) as err:
+    except (av.FFmpegError, OSError, ValueError, AttributeError) as err:
         raise MediaError("decode_error", path, f"audio could not be decoded ({err})") from None
-    wave = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0)
+    wave = torch.from_numpy(np.concatenate(chunks, axis=1).mean(axis=0)) if chunks else torch.zeros(0)
     if declared is not None and 0 < declared < wave.numel():
         wave = wave[:declared]  # PyAV keeps the AAC encoder's tail padding; ffmpeg trims it
     if wave.numel() == 0:

@@ -140,7 +140,8 @@ def clips(tmp_path_factory: pytest.TempPathFactory, ffmpeg) -> dict[str, Path]:
     * ``stereo44k``: 1.5 s AAC, 44.1 kHz stereo, left a 440 Hz sine (amplitude 0.5), right silent;
     * ``loud_stereo``: 1.0 s AAC, 44.1 kHz stereo, both channels the same 440 Hz sine at 0.9;
     * ``ramp``: 3 s H.264 64x48 at 10 fps (30 frames), frame ``n`` has luma ``8 n``; no audio;
-    * ``red``: 1 s H.264 64x48, pure red.
+    * ``red``: 1 s H.264 64x48, pure red;
+    * ``short_audio``: an AAC track of 15 ms (240 samples at 16 kHz), shorter than wav2vec2's receptive field.
     """
     out = tmp_path_factory.mktemp("clips")
     ffmpeg("-f", "lavfi", "-i", "aevalsrc=0.5*sin(2*PI*440*t)|0:s=44100:d=1.5",
@@ -151,6 +152,8 @@ def clips(tmp_path_factory: pytest.TempPathFactory, ffmpeg) -> dict[str, Path]:
            "-c:v", "libx264", str(out / "ramp.mp4"))
     ffmpeg("-f", "lavfi", "-i", "color=c=red:s=64x48:r=10:d=1", "-pix_fmt", "yuv420p", "-c:v", "libx264",
            str(out / "red.mp4"))
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:duration=0.015", "-c:a", "aac",
+           str(out / "short_audio.mp4"))
     return {p.stem: p for p in out.glob("*.mp4")}
 
 

@@ -109,9 +109,6 @@ def test_load_params_invalid_yaml(tmp_path: Path, text: str):
         load_params(path)
 
 
-@pytest.mark.xfail(reason="load_params catches only FileNotFoundError: a directory given as --params raises "
-                          "IsADirectoryError (a traceback from run_stage) instead of ParamsError", strict=True,
-                   raises=IsADirectoryError)
 def test_load_params_on_a_directory_raises_params_error(tmp_path: Path):
     with pytest.raises(ParamsError):
         load_params(tmp_path)

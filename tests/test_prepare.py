@@ -165,9 +165,6 @@ def test_empty_text_is_kept_and_reported(tmp_path: Path):
     assert report["empty_text"] == ["train/dia0_utt0"]
 
 
-@pytest.mark.xfail(reason="prepare lower-cases the CSV's labels but compares them with data.emotions as written: "
-                          "data.emotions [Neutral, Joy] rejects a row labelled 'Neutral'", strict=True,
-                   raises=DatasetError)
 def test_labels_in_params_are_matched_case_insensitively(tmp_path: Path):
     root = write_meld(tmp_path / "meld", {split: [row(0, 0, emotion="Neutral")] for split in MELD_CSVS})
     utterances, _ = prep.prepare(params_for(root, emotions=["Neutral", "Joy"]))
@@ -220,6 +217,19 @@ def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path, repo_root: Path):
     result = _run_cli(["--params", str(params)], tmp_path, repo_root)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "data.missing_clips" in result.stderr
+
+
+def test_bundled_demo_release(demo_root: Path):
+    utterances, report = prep.prepare(params_for(demo_root))
+    table = by_id(utterances)
+    # scripts/make_demo.py: 12/3/4 dialogues; defects: a missing clip, a clip without audio, one without a face.
+    assert {s: r["dialogues"] for s, r in report["splits"].items()} == {"train": 12, "dev": 3, "test": 4}
+    assert {s: r["missing_clips"] for s, r in report["splits"].items()} == {
+        "train": ["train/dia2_utt1"], "dev": [], "test": []}
+    assert table["train/dia2_utt1"].clip == ""
+    assert Path(table["train/dia5_utt0"].clip).is_file() and Path(table["test/dia1_utt2"].clip).is_file()
+    assert all(Path(u.clip).is_file() for u in utterances if u.clip)
+    assert report["empty_text"] == [] and all(s["repaired_bytes"] == 0 for s in report["splits"].values())
 
 
 # --- real MELD text and labels (../shared), skipped when absent -------------------------------------------

@@ -1,0 +1,153 @@
+"""Quality benchmark on real conversations: MELD text-only, real pretrained MiniLM features.
+
+Runs the pipeline's own stages (prepare, extract_text, extract_audio, extract_visual, build_graphs) on
+MELD's CSVs without clips (every utterance text-only: audio and visual are masked), then trains the
+model under several switches, each over several seeds, and reports test weighted F1 and accuracy at
+the best-dev epoch (mean and std), beside a context-free logistic regression on the same features.
+
+    python benchmarks/quality.py --meld ../shared/data/meld --seeds 0 1 2 3 4
+
+Stage outputs are cached in ``--work`` (delete it to recompute); results go to ``--out`` (JSON) and a
+Markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import build_graphs, extract_audio, extract_text, extract_visual, prepare  # noqa: E402
+from pipeline.config import load_params, parse_params  # noqa: E402
+from pipeline.data import load_dialogues  # noqa: E402
+from pipeline.evaluate import classification_metrics  # noqa: E402
+from pipeline.train import build_model, predict, train  # noqa: E402
+
+# name -> params overrides (dotted keys). The first is the full model with the defaults of params.yaml.
+CONFIGS = {
+    "full (adaptive, cross_attention, supcon)": {},
+    "graph=none": {"model.graph": "none"},
+    "graph=gcn": {"model.graph": "gcn"},
+    "contrastive=none": {"loss.contrastive": "none"},
+    "contrastive=interclass": {"loss.contrastive": "interclass"},
+    "sentiment_weight=0": {"loss.sentiment_weight": 0.0},
+}
+
+
+def with_overrides(raw: dict, overrides: dict) -> dict:
+    raw = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def prepare_features(raw: dict, work: Path) -> None:
+    """Run the pipeline's stages on MELD text-only inside ``work`` (skipped when already there)."""
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    params = parse_params(raw)
+    steps = [("data/prepared/utterances.csv", prepare.run), ("data/features/text.safetensors", extract_text.run),
+             ("data/features/audio.safetensors", extract_audio.run),
+             ("data/features/visual.safetensors", extract_visual.run), ("data/graphs/graphs.bin", build_graphs.run)]
+    for output, stage in steps:
+        if not Path(output).exists():
+            start = time.perf_counter()
+            stage(params)
+            print(f"{stage.__module__}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def logistic_regression(splits) -> dict:
+    """Context-free baseline: logistic regression on the text features, C chosen on dev weighted F1."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    def xy(split):
+        return (torch.cat([d.features["text"] for d in splits[split]]).numpy(),
+                torch.cat([d.emotion for d in splits[split]]).numpy())
+
+    (x_train, y_train), (x_dev, y_dev), (x_test, y_test) = xy("train"), xy("dev"), xy("test")
+    best = None
+    for c in (0.1, 0.3, 1.0, 3.0, 10.0):
+        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train)
+        f1 = f1_score(y_dev, clf.predict(x_dev), average="weighted")
+        if best is None or f1 > best[0]:
+            best = (f1, c, clf)
+    pred = best[2].predict(x_test)
+    return {"C": best[1], "dev_weighted_f1": best[0],
+            "test_weighted_f1": float(f1_score(y_test, pred, average="weighted")),
+            "test_accuracy": float((pred == y_test).mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--meld", type=Path, default=REPO.parent / "shared/data/meld")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks/work/meld_text")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/meld_text.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="subset of config names")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    base = load_params(REPO / "params.yaml").model_dump(mode="json")
+    base = with_overrides(base, {"data.root": str(args.meld.resolve()), "data.missing_clip": "text_only",
+                                 "train.epochs": args.epochs, "train.patience": args.patience})
+    args.out = args.out.resolve()
+    prepare_features(base, args.work.resolve())
+    params = parse_params(base)
+    splits, encoders = load_dialogues(params.data.emotions, params.data.sentiments)
+    _, num_relations = build_graphs.load_graphs()
+    print({s: (len(d), sum(len(x) for x in d)) for s, d in splits.items()}, encoders["text"]["model"], flush=True)
+
+    results = {"baseline_logistic_regression": logistic_regression(splits), "configs": {},
+               "features": encoders["text"], "seeds": args.seeds}
+    print("logistic regression:", results["baseline_logistic_regression"], flush=True)
+    for name in args.configs:
+        runs = []
+        for seed in args.seeds:
+            p = parse_params(with_overrides(base, {**CONFIGS[name], "train.seed": seed}))
+            start = time.perf_counter()
+            checkpoint = train(p, splits, num_relations)
+            seconds = time.perf_counter() - start
+            out = predict(build_model(checkpoint), splits["test"], p, torch.device("cpu"))
+            metrics = classification_metrics(out["emotion"].numpy(), out["emotion_prob"].argmax(-1).numpy(),
+                                             p.data.emotions)
+            runs.append({"seed": seed, "test_weighted_f1": metrics["weighted_f1"], "test_accuracy": metrics["accuracy"],
+                         "dev_weighted_f1": checkpoint["best_dev_weighted_f1"], "best_epoch": checkpoint["best_epoch"],
+                         "epochs_run": checkpoint["epochs_run"], "seconds_per_epoch": seconds / checkpoint["epochs_run"]})
+            print(name, runs[-1], flush=True)
+        summary = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                   for k in ("test_weighted_f1", "test_accuracy", "dev_weighted_f1", "seconds_per_epoch")}
+        results["configs"][name] = {"overrides": CONFIGS[name], "runs": runs, "mean_std": summary}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args.out.write_text(json.dumps(results, indent=2))
+
+    lr = results["baseline_logistic_regression"]
+    print(f"\n| model | test weighted F1 | test accuracy | dev weighted F1 | s/epoch |\n|---|---|---|---|---|")
+    print(f"| logistic regression (context-free, C={lr['C']}) | {100 * lr['test_weighted_f1']:.2f} | "
+          f"{100 * lr['test_accuracy']:.2f} | {100 * lr['dev_weighted_f1']:.2f} | - |")
+    for name, r in results["configs"].items():
+        m = r["mean_std"]
+        print(f"| {name} | {100 * m['test_weighted_f1'][0]:.2f} ± {100 * m['test_weighted_f1'][1]:.2f} | "
+              f"{100 * m['test_accuracy'][0]:.2f} ± {100 * m['test_accuracy'][1]:.2f} | "
+              f"{100 * m['dev_weighted_f1'][0]:.2f} ± {100 * m['dev_weighted_f1'][1]:.2f} | {m['seconds_per_epoch'][0]:.1f} |")
+    print(f"\npeak RSS {results['peak_rss_mb']:.0f} MB; seeds {args.seeds}")
+
+
+if __name__ == "__main__":
+    main()
