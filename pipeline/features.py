@@ -6,7 +6,9 @@ Format (``data/features/<modality>.safetensors``):
   never be read as a signal (the ``mask`` says so);
 * ``mask``: ``[num_utterances]`` uint8, 1 = the modality is present for this utterance;
 * ``reason``: ``[num_utterances]`` uint8, an index into :data:`REASONS`;
-* metadata ``utterance_ids`` (JSON list, row order) and ``info`` (JSON: encoder, weights, pretrained).
+* metadata ``erc``: one JSON object with ``utterance_ids`` (row order) and ``info`` (encoder, weights,
+  pretrained). One key, because safetensors writes several metadata keys in an arbitrary order and
+  the file's bytes (and so its DVC hash) would change from run to run.
 
 Why safetensors: no pickle (safe to load from anyone), memory-mappable, one file per modality that
 DVC hashes as a unit, and the format Hugging Face users already know.
@@ -86,7 +88,7 @@ def save_table(table: FeatureTable, path: str | Path) -> None:
         "mask": table.mask.to(torch.uint8).contiguous(),
         "reason": torch.tensor([REASONS.index(r) for r in table.reasons], dtype=torch.uint8),
     }
-    metadata = {"utterance_ids": json.dumps(table.utterance_ids), "info": json.dumps(table.info)}
+    metadata = {"erc": json.dumps({"utterance_ids": table.utterance_ids, "info": table.info}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -103,12 +105,15 @@ def load_table(path: str | Path) -> FeatureTable:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(str(path))
+    if not metadata or "erc" not in metadata:
+        raise ValueError(f"{path}: not a feature file of this pipeline (no 'erc' metadata); rerun its stage")
+    meta = json.loads(metadata["erc"])
     return FeatureTable(
-        utterance_ids=json.loads(metadata["utterance_ids"]),
+        utterance_ids=meta["utterance_ids"],
         features=tensors["features"],
         mask=tensors["mask"].bool(),
         reasons=[REASONS[int(i)] for i in tensors["reason"]],
-        info=json.loads(metadata.get("info", "{}")),
+        info=meta["info"],
     )
 
 

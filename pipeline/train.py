@@ -183,8 +183,8 @@ def run(params: Params) -> None:
         live.summary.update({"best_epoch": checkpoint["best_epoch"],
                              "best_dev_weighted_f1": checkpoint["best_dev_weighted_f1"],
                              "best_dev_accuracy": checkpoint["best_dev_accuracy"], "lr_configured": params.train.lr})
-        with atomic_path(CHECKPOINT) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_path(CHECKPOINT) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)  # a file object: the archive's inner name does not depend on tmp's
     log.info("train: best dev weighted F1 %.4f at epoch %d -> %s", checkpoint["best_dev_weighted_f1"],
              checkpoint["best_epoch"], CHECKPOINT)
 

@@ -1,8 +1,10 @@
 """End to end: `dvc repro` of the demo in a copy of the repository, then experiments with -S.
 
-Checks the issue's contract: every stage runs, a second repro does nothing, `dvc exp run -S
-train.lr=1e-4` re-runs only train and evaluate and really trains at 1e-4, and a text.* change re-runs
-the text branch but not the audio or visual extraction.
+Checks: every stage runs; the fresh metrics reproduce the committed ones (the CI regression check); a
+second repro does nothing; `dvc exp run -S train.lr=1e-4` re-runs only train and evaluate and really
+trains at 1e-4; a text.* change re-runs the text branch but not the audio or visual extraction; and a
+deliberately broken pipeline (text features shuffled against their utterances) fails the regression
+check. The tests share one copy and run in file order.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def project(tmp_path_factory) -> Path:
     """A fresh git + DVC copy of the repository with `dvc repro` already run once."""
     root = tmp_path_factory.mktemp("e2e") / "repo"
     shutil.copytree(REPO, root, ignore=IGNORE)
+    # The reference figures are the committed ones (the working tree's may have been regenerated).
+    for path in ("dvc.lock", "metrics/eval/metrics.json", "metrics/train/metrics.json"):
+        committed = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, text=True)
+        if committed.returncode == 0:
+            (root / path).write_text(committed.stdout)
     _run(["git", "init", "-q", "-b", "main"], root)
     _run(["git", "add", "-A"], root)
     _run(["git", "commit", "-q", "-m", "copy"], root)
@@ -75,6 +82,11 @@ def test_repro_runs_every_stage_and_beats_chance(project: Path):
     assert visual["masked"] == {"missing_clip": ["train/dia2_utt1"], "no_face": ["test/dia1_utt2"]}
 
 
+def test_fresh_repro_reproduces_committed_metrics(project: Path):
+    output = _run([sys.executable, "-m", "pipeline.regression", "--rev", "HEAD"], project)
+    assert "no regression against HEAD" in output
+
+
 def test_second_repro_does_nothing(project: Path):
     output = _run([sys.executable, "-m", "dvc", "repro"], project)
     assert _stages_run(output) == set()
@@ -95,3 +107,22 @@ def test_exp_run_lr_reruns_only_train_and_evaluate(project: Path):
 def test_text_params_rerun_text_branch_only(project: Path):
     output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "text.pooling=cls"], project)
     assert _stages_run(output) == {"extract_text", "train", "evaluate"}
+
+
+def test_regression_check_fails_on_a_broken_pipeline(project: Path):
+    _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)
+    source = project / "pipeline/extract_text.py"
+    code = source.read_text()
+    anchor = "    table = FeatureTable([u.utterance_id for u in utterances], features, mask,"
+    assert code.count(anchor) == 1
+    # The bug: rows no longer belong to their utterances.
+    source.write_text(code.replace(anchor, "    features = features[torch.randperm(len(features), "
+                                           "generator=torch.Generator().manual_seed(0))]\n" + anchor))
+    output = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert _stages_run(output) == {"extract_text", "train", "evaluate"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.regression", "--rev", "HEAD"], cwd=project,
+                            env=_env(), capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "REGRESSION against HEAD" in result.stdout
+    assert "test.emotion.weighted_f1" in result.stdout
+    assert "dvc metrics diff HEAD" in result.stdout and "| Path" in result.stdout  # the diff table is shown
