@@ -7,7 +7,8 @@ uniform random guessing, expected value). The weights each feature came from (pr
 are recorded beside the figures.
 
 Output: ``metrics/eval/metrics.json`` (``dvc metrics show``), ``metrics/eval/plots/sklearn/
-confusion_{emotion,sentiment}.json`` (``dvc plots show``), ``data/predictions/test.csv``.
+confusion_{emotion,sentiment}.json`` (``dvc plots show``), PNG confusion matrices and per-class F1
+bars in ``metrics/eval/plots/images/``, ``data/predictions/test.csv``.
 Run: ``python -m pipeline.evaluate [--params params.yaml]``.
 """
 
@@ -63,6 +64,30 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     }
 
 
+def figures(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], task: str, per_class_f1: dict):
+    """Matplotlib figures for readers of the repository: the confusion matrix (utterance counts) and
+    per-class F1 bars. Returns (confusion figure, F1 figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    confusion, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.8 * len(labels)))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(range(len(labels))), display_labels=labels,
+                                            ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title(f"Test {task} confusion matrix")
+    confusion.tight_layout()
+    bars, ax = plt.subplots(figsize=(1.5 + 0.7 * len(labels), 3.2))
+    ax.bar(list(per_class_f1), list(per_class_f1.values()), color="#4C72B0")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title(f"Test {task} F1 per class")
+    ax.tick_params(axis="x", rotation=45)
+    bars.tight_layout()
+    return confusion, bars
+
+
 def run(params: Params) -> None:
     """Score the checkpoint on the test split; write metrics, confusion matrices and predictions."""
     from dvclive import Live
@@ -82,6 +107,9 @@ def run(params: Params) -> None:
             y_true = out[task].numpy()
             y_pred = out[f"{task}_prob"].argmax(-1).numpy()
             results[task] = classification_metrics(y_true, y_pred, labels)
+            confusion, bars = figures(y_true, y_pred, labels, task, results[task]["f1"])
+            live.log_image(f"confusion_{task}.png", confusion)
+            live.log_image(f"f1_per_class_{task}.png", bars)
             live.log_sklearn_plot("confusion_matrix", [labels[i] for i in y_true], [labels[i] for i in y_pred],
                                   name=f"confusion_{task}.json", title=f"Test {task} confusion matrix",
                                   x_label="true label", y_label="predicted label")
