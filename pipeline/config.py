@@ -201,8 +201,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
 def run_stage(stage: Callable[[Params], None], description: str, argv: list[str] | None = None) -> None:
     """Command-line entry of a stage: ``--params``, logging, and clean errors.
 
-    Known input errors (bad params, a malformed dataset, a missing upstream file) are printed as one
-    ``error:`` line naming the file and what to do, with exit status 1, not as a traceback.
+    Known input errors (bad params, a malformed dataset, a missing upstream file or model, stale
+    features) are printed as one ``error:`` line naming the file and what to do, with exit status 1,
+    not as a traceback.
     """
     import argparse
     import logging
@@ -219,6 +220,6 @@ def run_stage(stage: Callable[[Params], None], description: str, argv: list[str]
     try:
         stage(load_params(args.params))
         logging.getLogger(stage.__module__).info("stage finished in %.1f s", time.perf_counter() - start)
-    except (ParamsError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, OSError, ValueError) as err:  # OSError: missing files, unknown model ids
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.build_graphs import load_graphs
+from pipeline.build_graphs import load_graphs, speaker_indices
 from pipeline.dgl_compat import dgl
 from pipeline.features import feature_path, load_table
 from pipeline.prepare import Utterance, load_utterances
@@ -94,7 +94,7 @@ def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[
 
     Raises:
         FileNotFoundError: an upstream stage output is missing.
-        KeyError / ValueError: outputs of different runs disagree (rerun ``dvc repro``).
+        ValueError: outputs of different runs disagree (rerun ``dvc repro``).
     """
     utterances = utterances if utterances is not None else load_utterances()
     tables = {m: load_table(feature_path(m) if features_dir is None else features_dir / f"{m}.safetensors")
@@ -106,7 +106,10 @@ def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[
     splits: dict[str, list[Dialogue]] = {}
     for dialogue_id, utts in by_dialogue.items():
         ids = [u.utterance_id for u in utts]
-        if dialogue_id not in graphs or graphs[dialogue_id].num_nodes() != len(ids):
+        speakers = torch.tensor(speaker_indices([u.speaker for u in utts]))
+        graph = graphs.get(dialogue_id)
+        # The graph's edges and relation types follow from the speakers in order: check they match.
+        if graph is None or graph.num_nodes() != len(ids) or not torch.equal(graph.ndata["speaker"], speakers):
             raise ValueError(f"dialogue {dialogue_id}: graph and utterance table disagree; rerun `dvc repro`")
         features, masks = {}, {}
         for m, table in tables.items():

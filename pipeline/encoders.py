@@ -116,7 +116,7 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
     Raises:
         FileNotFoundError: a local weights path that does not exist.
         ValueError: a local file that is not an InceptionResnetV1 state dict.
-        RuntimeError: the download of named weights failed (offline): use a local path or ``random``.
+        OSError: the download of named weights failed (offline): use a local path or ``random``.
     """
     from facenet_pytorch import MTCNN, InceptionResnetV1
 
@@ -131,7 +131,7 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
         try:
             embedder = InceptionResnetV1(pretrained=weights)
         except Exception as err:  # urllib errors differ by platform; say what to do
-            raise RuntimeError(f"visual.face_weights={weights}: download failed ({err}); put the .pt file "
+            raise OSError(f"visual.face_weights={weights}: download failed ({err}); put the .pt file "
                                f"({FACENET_URL}) on disk and set visual.face_weights to its path, or use 'random'") from None
         info = {"model": f"InceptionResnetV1 {weights}", "pretrained": True}
     else:
@@ -140,7 +140,10 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
             raise FileNotFoundError(f"visual.face_weights={weights}: no such file; give a state dict path, "
                                     f"{' or '.join(FACENET_PRETRAINED)}, or 'random'")
         embedder = InceptionResnetV1(pretrained=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle / zip errors differ by file
+            raise ValueError(f"visual.face_weights={weights}: not a readable state dict ({err})") from None
         result = embedder.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")},
                                           strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("logits.")]

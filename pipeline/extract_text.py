@@ -42,6 +42,7 @@ def encode_texts(texts: list[str], tokenizer, model: torch.nn.Module, *, pooling
     Returns:
         ``[len(texts), hidden_size]`` float32 on the CPU, in the order of ``texts``.
     """
+    max_length = min(max_length, tokenizer.model_max_length)  # never past the position embeddings
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.zeros(len(texts), model.config.hidden_size)
     use_amp = device.type == "cuda"

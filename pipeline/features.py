@@ -67,12 +67,14 @@ class FeatureTable:
         """Features ``[len(ids), D]`` and mask ``[len(ids)]`` for the given ids, in that order.
 
         Raises:
-            KeyError: an id is not in the table (the feature file is stale: rerun ``dvc repro``).
+            ValueError: an id is not in the table (the feature file is stale: rerun ``dvc repro``).
         """
-        index = {u: i for i, u in enumerate(self.utterance_ids)}
+        if not hasattr(self, "_index"):
+            self._index = {u: i for i, u in enumerate(self.utterance_ids)}
+        index = self._index
         missing = [u for u in utterance_ids if u not in index]
         if missing:
-            raise KeyError(f"{len(missing)} utterances have no row in this feature file (e.g. {missing[:3]}); "
+            raise ValueError(f"{len(missing)} utterances have no row in this feature file (e.g. {missing[:3]}); "
                            "the features are stale: rerun `dvc repro`")
         rows = torch.tensor([index[u] for u in utterance_ids], dtype=torch.long)
         return self.features[rows], self.mask[rows]

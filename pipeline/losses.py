@@ -48,7 +48,7 @@ def supcon_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: fl
     if anchor_weights is None:
         return per_anchor.mean()
     weights = anchor_weights[anchors]
-    return (per_anchor * weights).sum() / weights.sum()
+    return (per_anchor * weights).sum() / weights.sum().clamp_min(1e-12)  # all-zero weights: 0, not NaN
 
 
 def class_centre_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -72,7 +72,7 @@ def class_centre_loss(projections: torch.Tensor, labels: torch.Tensor, temperatu
     similarity = centres @ centres.T / temperature  # [K, K]
     similarity = similarity.masked_fill(torch.eye(len(classes), dtype=torch.bool, device=labels.device), float("-inf"))
     weights = class_weights[classes]
-    return (torch.logsumexp(similarity, dim=1) * weights).sum() / weights.sum()
+    return (torch.logsumexp(similarity, dim=1) * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if not METRICS.exists():
         print(f"error: {METRICS} not found; run `dvc repro` first", file=sys.stderr)
         return 1
-    problems = compare(committed_metrics(args.rev), json.loads(METRICS.read_text()), args.tolerance)
+    try:
+        problems = compare(committed_metrics(args.rev), json.loads(METRICS.read_text()), args.tolerance)
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     diff = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", args.rev, "--md"],
                           capture_output=True, text=True).stdout
     if problems:

@@ -90,7 +90,7 @@ def load_checkpoint(path: Path = CHECKPOINT) -> dict:
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no trained model; run the train stage (`dvc repro train`)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int, encoders: dict | None = None,

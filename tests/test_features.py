@@ -73,7 +73,7 @@ def test_rows_follow_the_requested_order():
 
 
 def test_rows_unknown_id_raises_key_error():
-    with pytest.raises(KeyError, match="stale"):
+    with pytest.raises(ValueError, match="stale"):
         make_table().rows(["train/dia0_utt0", "train/dia9_utt9"])
 
 
