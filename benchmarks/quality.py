@@ -31,6 +31,7 @@ from pipeline import build_graphs, extract_audio, extract_text, extract_visual, 
 from pipeline.config import load_params, parse_params  # noqa: E402
 from pipeline.data import load_dialogues  # noqa: E402
 from pipeline.evaluate import classification_metrics  # noqa: E402
+from pipeline.prepare import load_labels  # noqa: E402
 from pipeline.train import build_model, predict, train  # noqa: E402
 
 # name -> params overrides (dotted keys). The first is the full model with the defaults of params.yaml.
@@ -108,7 +109,8 @@ def main() -> None:
     args.out = args.out.resolve()
     prepare_features(base, args.work.resolve())
     params = parse_params(base)
-    splits, encoders = load_dialogues(params.data.emotions, params.data.sentiments)
+    labels = load_labels()
+    splits, encoders = load_dialogues(labels["emotions"], labels["sentiments"])
     _, num_relations = build_graphs.load_graphs()
     print({s: (len(d), sum(len(x) for x in d)) for s, d in splits.items()}, encoders["text"]["model"], flush=True)
 
@@ -120,7 +122,7 @@ def main() -> None:
         for seed in args.seeds:
             p = parse_params(with_overrides(base, {**CONFIGS[name], "train.seed": seed}))
             start = time.perf_counter()
-            checkpoint = train(p, splits, num_relations)
+            checkpoint = train(p, splits, num_relations, labels)
             seconds = time.perf_counter() - start
             out = predict(build_model(checkpoint), splits["test"], p, torch.device("cpu"))
             metrics = classification_metrics(out["emotion"].numpy(), out["emotion_prob"].argmax(-1).numpy(),

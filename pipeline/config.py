@@ -16,9 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_PARAMS = Path("params.yaml")
 
-MELD_EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
-SENTIMENTS = ["negative", "neutral", "positive"]
-
 
 class ParamsError(ValueError):
     """Raised when ``params.yaml`` is missing, is not YAML, or does not match the schema."""
@@ -34,29 +31,55 @@ class _Section(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None):
+                if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None, float | None):
                     raise ValueError(f"{key}: expected a number, got {value!r}")
         return data
 
 
 class DataParams(_Section):
-    """``data``: which dataset ``prepare`` reads and the label sets (stage ``prepare``)."""
+    """``data``: which dataset ``prepare`` reads and how its labels become classes (stage ``prepare``).
 
-    layout: Literal["meld"] = "meld"
+    Label sets are data: each layout declares its emotion classes (MELD: 7, IEMOCAP: the standard 6,
+    a manifest: the labels it contains). ``label_map`` renames or merges raw labels first
+    (``{exc: hap}`` merges IEMOCAP's excited into happy); ``emotions`` / ``sentiments``, when given,
+    fix the class list and its order (index = model output), otherwise the dataset's own list is used.
+    """
+
+    layout: Literal["meld", "iemocap", "manifest"] = "meld"
+    # meld / iemocap: the release folder. manifest: a .csv / .jsonl file, or a folder holding
+    # manifest.csv or manifest.jsonl (media paths in it are relative to the manifest's folder).
     root: Path = Path("data/raw/demo")
     # A row whose clip is missing from the release: keep it with text only (audio/visual masked)
     # or leave the utterance out. Either way it is listed in the prepare report.
     missing_clip: Literal["text_only", "skip"] = "text_only"
-    emotions: list[str] = Field(default_factory=lambda: list(MELD_EMOTIONS), min_length=2)
-    sentiments: list[str] = Field(default_factory=lambda: list(SENTIMENTS), min_length=2)
+    # An emotion (after label_map) outside the class list: stop with an error naming the row, or
+    # leave the utterance out and count it in the report.
+    unknown_label: Literal["error", "skip"] = "error"
+    label_map: dict[str, str] = Field(default_factory=dict)
+    emotions: list[str] | None = Field(None, min_length=2)
+    sentiments: list[str] | None = Field(None, min_length=2)
+    # emotion -> sentiment for datasets without sentiment labels (IEMOCAP, manifests without a
+    # sentiment column); merged over the built-in map (GraphSmile's IEMOCAP mapping + common names).
+    sentiment_map: dict[str, str] = Field(default_factory=dict)
+    # IEMOCAP has no dev split: this many Session 1-4 dialogues, drawn with dev_seed, are dev
+    # (COSMIC's split: 108 train / 12 dev / 31 test dialogues, Session 5 = test).
+    dev_dialogues: int = Field(12, ge=1)
+    dev_seed: int = 0
 
     @field_validator("emotions", "sentiments")
     @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        v = [label.strip().lower() for label in v]  # the CSV labels are compared lower-cased
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        v = [label.strip().lower() for label in v]  # labels are compared lower-cased
         if len(set(v)) != len(v):
             raise ValueError(f"labels must be unique (case-insensitive), got {v}")
         return v
+
+    @field_validator("label_map", "sentiment_map")
+    @classmethod
+    def _lower(cls, v: dict[str, str]) -> dict[str, str]:
+        return {str(k).strip().lower(): str(val).strip().lower() for k, val in v.items()}
 
 
 class TextParams(_Section):
@@ -65,19 +88,36 @@ class TextParams(_Section):
     # Hugging Face id, a local directory, or ``package:<module>/<dir>`` for a model a pip package ships.
     model: str = "roberta-base"
     pooling: Literal["cls", "mean"] = "mean"
+    # Layer selection: 1 = the last hidden layer; k > 1 = the mean of the last k layers.
+    last_k_layers: int = Field(1, ge=1)
+    # Dialogue context: this many previous and next utterances ("Speaker: text") go into the encoder
+    # input as a second segment (context-aware RoBERTa ERC, e.g. EmoBERTa). 0 = off.
+    context_window: int = Field(0, ge=0)
     max_length: int = Field(128, ge=8, le=4096)
     batch_size: int = Field(32, ge=1)
+    # autocast dtype on CUDA (ignored on the CPU, which always runs float32).
+    cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
 
 class AudioParams(_Section):
-    """``audio``: the speech encoder (stage ``extract_audio``)."""
+    """``audio``: the speech features (stage ``extract_audio``)."""
 
+    # ``wav2vec2``: any Hugging Face audio encoder (wav2vec2, HuBERT, WavLM), mean-pooled over valid
+    # frames; ``opensmile``: openSMILE functionals (``opensmile_set``), no model download.
+    backend: Literal["wav2vec2", "opensmile"] = "wav2vec2"
     model: str = "facebook/wav2vec2-base"
     # When set, build a randomly initialised wav2vec2 with this config instead of loading weights
     # (offline demos and tests). Logged loudly and recorded in the stage report and metrics.
     random_init: dict[str, Any] | None = None
+    last_k_layers: int = Field(1, ge=1)
+    opensmile_set: Literal["IS10", "eGeMAPSv02", "ComParE_2016"] = "IS10"
     sample_rate: int = Field(16000, ge=8000)
-    max_seconds: float = Field(15.0, gt=0)
+    # Long utterances are cut into chunks of at most this many seconds; the encoder's frames of all
+    # chunks are pooled together. max_seconds (null = no cap) drops audio beyond it.
+    chunk_seconds: float = Field(15.0, gt=0)
+    max_seconds: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
 
 class VisualParams(_Section):
@@ -89,6 +129,9 @@ class VisualParams(_Section):
     # ``random``: random initialisation (logged loudly and recorded in the report and metrics).
     face_weights: str = "vggface2"
     min_face_prob: float = Field(0.9, ge=0, le=1)
+    # Which face is the speaker's: the largest, the most confident, or the most central detection
+    # starts the track; the other frames follow it (nearest face to the previous one).
+    face_select: Literal["largest", "confident", "central"] = "largest"
     batch_frames: int = Field(16, ge=1)
 
 

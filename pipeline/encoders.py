@@ -31,6 +31,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``name`` (``float16``, ``bfloat16``, ``float32``) on ``device``.
+
+    Returns None (no autocast) on the CPU and for ``float32``.
+    """
+    if device.type != "cuda" or name == "float32":
+        return None
+    return getattr(torch, name)
+
+
 def warn_random(what: str) -> None:
     """Log, loudly, that a stage runs on randomly initialised weights."""
     bar = "!" * 78
@@ -101,6 +111,27 @@ def load_audio_encoder(spec: str, random_init: dict | None, device: torch.device
         info = {"model": spec, "pretrained": True}
     info["hidden_size"] = model.config.hidden_size
     return extractor, model.to(device).eval(), info
+
+
+def load_audio_backend(settings, device: torch.device) -> tuple[Any, Any, dict]:
+    """The speech feature extractor ``audio.backend`` names.
+
+    ``wav2vec2``: :func:`load_audio_encoder` (any Hugging Face audio encoder).
+    ``opensmile``: an ``opensmile.Smile`` computing the functionals of ``audio.opensmile_set``
+    (IS10 paralinguistics 1582-d, Schuller et al. 2010; eGeMAPSv02 88-d, Eyben et al. 2016;
+    ComParE_2016 6373-d), which ship with the ``opensmile`` package (audEERING research licence).
+
+    Returns:
+        (extractor, model or None for opensmile, info with ``hidden_size`` = the feature size).
+    """
+    if settings.backend == "wav2vec2":
+        return load_audio_encoder(settings.model, settings.random_init, device)
+    import opensmile
+
+    smile = opensmile.Smile(feature_set=opensmile.FeatureSet[settings.opensmile_set],
+                            feature_level=opensmile.FeatureLevel.Functionals)
+    return smile, None, {"model": f"opensmile {settings.opensmile_set} functionals", "pretrained": True,
+                         "hidden_size": len(smile.feature_names)}
 
 
 def load_face_models(weights: str, min_face_prob: float, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:

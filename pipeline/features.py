@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 # Why a modality is missing for an utterance. ``ok`` means present.
-REASONS = ("ok", "missing_clip", "no_audio", "no_face", "decode_error", "empty_text")
+# Append only: a reason's index is stored in the feature files.
+REASONS = ("ok", "missing_clip", "no_audio", "no_face", "decode_error", "empty_text", "no_video")
 
 
 @dataclass
@@ -159,14 +160,136 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 FEATURES_DIR = Path("data/features")
+CACHE_DIR = Path("data/interim/cache")
 
 
-def feature_path(modality: str) -> Path:
-    """``data/features/<modality>.safetensors``."""
-    return FEATURES_DIR / f"{modality}.safetensors"
+def feature_path(modality: str, features_dir: Path = FEATURES_DIR) -> Path:
+    """``<features_dir>/<modality>.safetensors``."""
+    return Path(features_dir) / f"{modality}.safetensors"
 
 
-def finish_extraction(modality: str, table: FeatureTable, seconds: float, extra: dict | None = None) -> dict:
+def file_signature(*paths: str) -> list:
+    """What identifies a media input for the cache: path, size and modification time of each file."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p) if p else None
+        except OSError:
+            st = None
+        out.append([p, st.st_size if st else None, st.st_mtime_ns if st else None])
+    return out
+
+
+class ExtractionCache:
+    """Resumable per-utterance results of one extraction stage (utterance id + stage settings as key).
+
+    Layout: ``<root>/<modality>/<key>/shard-<n>.safetensors`` where ``key`` hashes the stage's
+    settings (its params section and output size). Each shard holds ``features`` ``[n, D]`` float32,
+    ``reason`` ``[n]`` uint8 and, in its metadata, the utterance ids, their input signatures (text,
+    or media path/size/mtime and segment) and per-utterance diagnostics. A result counts as done only
+    when both the id and the signature match, so an edited transcript or a replaced clip is redone.
+
+    Results are buffered and written as a new shard, atomically, every ``flush_every`` utterances or
+    ``flush_seconds`` seconds, and on leaving the ``with`` block (even on an exception or Ctrl-C).
+    A killed stage therefore loses at most the unflushed results; rerunning it skips the rest.
+    """
+
+    def __init__(self, modality: str, settings: dict, dim: int, root: Path = CACHE_DIR,
+                 flush_every: int = 64, flush_seconds: float = 30.0):
+        import hashlib
+        import time
+
+        blob = json.dumps({"settings": settings, "dim": dim}, sort_keys=True, default=str)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.dir = Path(root) / modality / self.key
+        self.dim, self.flush_every, self.flush_seconds = dim, flush_every, flush_seconds
+        self._clock = time.monotonic
+        self._last_flush = self._clock()
+        self._done: dict[str, tuple[str, torch.Tensor, str, dict]] = {}  # id -> (signature, vector, reason, diag)
+        self._pending: list[str] = []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "settings.json").write_text(blob + "\n", encoding="utf-8")
+        self._shards = 0
+        for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            self._load_shard(shard)
+            self._shards += 1
+
+    def _load_shard(self, path: Path) -> None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["erc"])
+                features, reasons = f.get_tensor("features"), f.get_tensor("reason")
+        except Exception:  # a shard from a crash mid-rename cannot exist (atomic), but a foreign file can
+            return
+        for i, uid in enumerate(meta["ids"]):
+            self._done[uid] = (meta["signatures"][i], features[i], REASONS[int(reasons[i])], meta["diagnostics"][i])
+
+    @staticmethod
+    def signature(value: Any) -> str:
+        """A short stable hash of any JSON-serialisable input description."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def is_done(self, utterance_id: str, signature: str) -> bool:
+        entry = self._done.get(utterance_id)
+        return entry is not None and entry[0] == signature
+
+    def put(self, utterance_id: str, signature: str, vector: torch.Tensor | None, reason: str = "ok",
+            diagnostics: dict | None = None) -> None:
+        """Record one utterance's result: its ``[D]`` vector (None when masked) and reason code."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown reason code {reason!r}; known: {REASONS}")
+        if vector is None:
+            vector = torch.zeros(self.dim)
+        elif vector.shape != (self.dim,):
+            raise ValueError(f"{utterance_id}: feature of shape {tuple(vector.shape)}, expected ({self.dim},)")
+        self._done[utterance_id] = (signature, vector.detach().float().cpu(), reason, diagnostics or {})
+        self._pending.append(utterance_id)
+        if len(self._pending) >= self.flush_every or self._clock() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered results as a new shard (atomically)."""
+        self._last_flush = self._clock()
+        if not self._pending:
+            return
+        ids, self._pending = self._pending, []
+        entries = [self._done[u] for u in ids]
+        tensors = {"features": torch.stack([e[1] for e in entries]).contiguous(),
+                   "reason": torch.tensor([REASONS.index(e[2]) for e in entries], dtype=torch.uint8)}
+        meta = {"ids": ids, "signatures": [e[0] for e in entries], "diagnostics": [e[3] for e in entries]}
+        while (self.dir / f"shard-{self._shards:06d}.safetensors").exists():
+            self._shards += 1
+        with atomic_path(self.dir / f"shard-{self._shards:06d}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"erc": json.dumps(meta)})
+        self._shards += 1
+
+    def __enter__(self) -> "ExtractionCache":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.flush()
+
+    def table(self, utterance_ids: list[str], info: dict) -> tuple[FeatureTable, dict[str, dict]]:
+        """The finished feature table in ``utterance_ids`` order, and the diagnostics per utterance.
+
+        Raises:
+            KeyError: an utterance has no result (the stage did not finish it).
+        """
+        missing = [u for u in utterance_ids if u not in self._done]
+        if missing:
+            raise KeyError(f"{len(missing)} utterances have no cached result (e.g. {missing[:3]})")
+        entries = [self._done[u] for u in utterance_ids]
+        features = torch.stack([e[1] for e in entries]) if entries else torch.zeros(0, self.dim)
+        reasons = [e[2] for e in entries]
+        table = FeatureTable(list(utterance_ids), features, torch.tensor([r == "ok" for r in reasons], dtype=torch.bool),
+                             reasons, info)
+        return table, {u: e[3] for u, e in zip(utterance_ids, entries) if e[3]}
+
+
+def finish_extraction(modality: str, table: FeatureTable, seconds: float, extra: dict | None = None,
+                      features_dir: Path = FEATURES_DIR) -> dict:
     """Write a modality's feature file and its report (``<modality>_report.json``); log a summary line.
 
     The report holds counts per reason code, the masked utterance ids per reason, wall time,
@@ -174,7 +297,7 @@ def finish_extraction(modality: str, table: FeatureTable, seconds: float, extra:
     """
     import logging
 
-    save_table(table, feature_path(modality))
+    save_table(table, feature_path(modality, features_dir))
     masked: dict[str, list[str]] = {}
     for uid, reason in zip(table.utterance_ids, table.reasons):
         if reason != "ok":
@@ -186,9 +309,11 @@ def finish_extraction(modality: str, table: FeatureTable, seconds: float, extra:
         "utterances_per_second": round(n / seconds, 2) if seconds > 0 else None,
         "encoder": table.info, **(extra or {}),
     }
-    write_json(report, FEATURES_DIR / f"{modality}_report.json")
+    write_json(report, Path(features_dir) / f"{modality}_report.json")
+    resumed = (extra or {}).get("resumed_from_cache", 0)
     logging.getLogger(f"pipeline.extract_{modality}").info(
-        "%s: %d utterances, %d present, masked %s, %.1f s (%.1f utt/s), encoder %s (pretrained=%s)",
-        modality, n, int(table.mask.sum()), {k: len(v) for k, v in masked.items()} or "none", seconds,
+        "%s: %d utterances (%d from the resume cache), %d present, masked %s, %.1f s (%.1f utt/s), "
+        "encoder %s (pretrained=%s)",
+        modality, n, resumed, int(table.mask.sum()), {k: len(v) for k, v in masked.items()} or "none", seconds,
         report["utterances_per_second"] or 0, table.info.get("model"), table.info.get("pretrained"))
     return report

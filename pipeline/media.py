@@ -1,7 +1,7 @@
 """Decoding: audio tracks with PyAV, video frames with OpenCV. No model code here.
 
 Failures raise :class:`MediaError` with a reason code from :mod:`pipeline.features` (``no_audio``,
-``decode_error``) so the extraction stages can mask the utterance and report it instead of crashing.
+``no_video``, ``decode_error``) so the extraction stages can mask the utterance and report it instead of crashing.
 """
 
 from __future__ import annotations
@@ -22,19 +22,25 @@ class MediaError(RuntimeError):
         self.path = str(path)
 
 
-def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | None = None) -> torch.Tensor:
-    """Decode a clip's first audio stream to mono float32 at ``sample_rate`` Hz.
+def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | None = None,
+               start: float | None = None, end: float | None = None) -> torch.Tensor:
+    """Decode a clip's first audio stream, or its ``[start, end)`` segment, to mono float32 at ``sample_rate``.
 
-    Decoding uses PyAV; the AAC encoder's tail padding (which PyAV, unlike ffmpeg, keeps) is trimmed to
-    the stream's declared duration; channels are averaged; resampling uses ``torchaudio.functional.
-    resample`` (windowed sinc).
+    Decoding uses PyAV (seeking to ``start`` when given: dialogue-long IEMOCAP wavs are not decoded
+    whole for every utterance); the AAC encoder's tail padding (which PyAV, unlike ffmpeg, keeps) is
+    trimmed to the stream's declared duration; channels are averaged; resampling uses
+    ``torchaudio.functional.resample`` (windowed sinc).
+
+    Args:
+        start / end: segment bounds in seconds (None: from the beginning / to the end).
+        max_seconds: keep at most this many seconds (None: all).
 
     Returns:
         ``[num_samples]`` float32 tensor, values in [-1, 1].
 
     Raises:
-        MediaError: ``no_audio`` when the container has no audio stream or it decodes to nothing,
-            ``decode_error`` when the file cannot be opened or decoded.
+        MediaError: ``no_audio`` when the container has no audio stream or it (or the segment) decodes
+            to nothing, ``decode_error`` when the file cannot be opened or decoded.
     """
     import av
 
@@ -46,23 +52,38 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
             if stream.codec_context is None:  # e.g. a file cut inside its header
                 raise MediaError("decode_error", path, "the audio stream has no decodable codec")
             rate = stream.codec_context.sample_rate
+            if start and stream.time_base is not None:
+                container.seek(int(start / stream.time_base), stream=stream, backward=True)
             # Convert to planar float at the native rate and layout (libswresample), then average the
             # channels here: ffmpeg's own down-mix scales by 1/sqrt(2) and can leave [-1, 1].
             to_float = av.AudioResampler(format="fltp", rate=rate)
-            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in to_float.resample(frame)]
+            chunks, first_time = [], None
+            for frame in container.decode(stream):
+                if first_time is None:
+                    first_time = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+                chunks += [out.to_ndarray() for out in to_float.resample(frame)]
+                if end is not None and frame.pts is not None and float(frame.pts * frame.time_base) > end:
+                    break
             chunks += [out.to_ndarray() for out in to_float.resample(None)]
             declared = None
             if stream.duration is not None and stream.time_base is not None:
-                declared = int(round(float(stream.duration * stream.time_base) * rate))
+                declared = float(stream.duration * stream.time_base)
     except MediaError:
         raise
     except (av.FFmpegError, OSError, ValueError, AttributeError) as err:
         raise MediaError("decode_error", path, f"audio could not be decoded ({err})") from None
     wave = torch.from_numpy(np.concatenate(chunks, axis=1).mean(axis=0)) if chunks else torch.zeros(0)
-    if declared is not None and 0 < declared < wave.numel():
-        wave = wave[:declared]  # PyAV keeps the AAC encoder's tail padding; ffmpeg trims it
+    first_time = first_time or 0.0
+    stop = declared if declared is not None and declared > 0 else None
+    if end is not None:
+        stop = end if stop is None else min(stop, end)
+    if stop is not None and 0 < int(round((stop - first_time) * rate)) < wave.numel():
+        wave = wave[:int(round((stop - first_time) * rate))]  # also drops the AAC tail padding
+    if start:
+        wave = wave[max(0, int(round((start - first_time) * rate))):]
     if wave.numel() == 0:
-        raise MediaError("no_audio", path, "the audio stream decoded to zero samples")
+        what = f"the segment [{start}, {end}] s" if start is not None or end is not None else "the audio stream"
+        raise MediaError("no_audio", path, f"{what} decoded to zero samples")
     if rate != sample_rate:
         wave = AF.resample(wave, rate, sample_rate)
     if max_seconds is not None:
@@ -70,46 +91,71 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     return wave.contiguous()
 
 
-def sample_frames(path: str | Path, fps: float, max_frames: int) -> list[np.ndarray]:
-    """Read up to ``max_frames`` RGB frames from a clip, ``fps`` frames per second of video.
+def has_video(path: str | Path) -> bool | None:
+    """Whether a media file has a video stream.
 
-    Frames are grabbed with OpenCV sequentially (``grab`` skips decoding-to-RGB of frames not kept).
-    When the clip is longer than ``max_frames / fps`` seconds, the kept frames are spread evenly
-    over the whole clip instead.
+    Returns None when the file cannot be opened or has neither audio nor video (a corrupt file).
+    """
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if container.streams.video:
+                return True
+            return False if container.streams.audio else None
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+
+
+def sample_frames(path: str | Path, fps: float, max_frames: int, start: float | None = None,
+                  end: float | None = None) -> list[np.ndarray]:
+    """Read up to ``max_frames`` RGB frames from a clip (or its ``[start, end)`` segment), ``fps`` per second.
+
+    Frames are grabbed with OpenCV sequentially (``grab`` skips decoding-to-RGB of frames not kept),
+    after seeking to the segment's first frame. When the segment is longer than ``max_frames / fps``
+    seconds, the kept frames are spread evenly over the whole segment instead.
 
     Returns:
         list of ``[height, width, 3]`` uint8 RGB arrays (at least one).
 
     Raises:
-        MediaError: ``decode_error`` when the file cannot be opened or yields no frame.
+        MediaError: ``no_video`` for a file without a video stream (audio only), ``decode_error`` when
+            the file cannot be opened or yields no frame.
     """
     import cv2
 
     capture = cv2.VideoCapture(str(path))
+    frames: list[np.ndarray] = []
     try:
-        if not capture.isOpened():
-            raise MediaError("decode_error", path, "the video could not be opened")
-        native_fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        step = max(native_fps / fps, 1.0)
-        wanted = np.arange(0, max(total, 1), step)
-        if len(wanted) > max_frames:
-            wanted = np.linspace(0, max(total - 1, 0), max_frames)
-        targets = sorted({int(round(i)) for i in wanted})
-        frames: list[np.ndarray] = []
-        index = 0
-        for target in targets:
-            while index < target:
-                if not capture.grab():
-                    break
+        if capture.isOpened():
+            native_fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+            total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            first = int(round(start * native_fps)) if start else 0
+            last = min(total, int(round(end * native_fps))) if end is not None and total > 0 else \
+                (total if total > 0 else first + 1)
+            step = max(native_fps / fps, 1.0)
+            wanted = np.arange(first, max(last, first + 1), step)
+            if len(wanted) > max_frames:
+                wanted = np.linspace(first, max(last - 1, first), max_frames)
+            targets = sorted({int(round(i)) for i in wanted})
+            index = 0
+            if first > 0 and capture.set(cv2.CAP_PROP_POS_FRAMES, first):
+                index = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
+            for target in targets:
+                while index < target:
+                    if not capture.grab():
+                        break
+                    index += 1
+                ok, frame = capture.read()
                 index += 1
-            ok, frame = capture.read()
-            index += 1
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                if not ok:
+                    break
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     finally:
         capture.release()
     if not frames:
-        raise MediaError("decode_error", path, "no video frame could be decoded")
+        if has_video(path) is False:
+            raise MediaError("no_video", path, "the file has no video stream (audio only?)")
+        raise MediaError("decode_error", path, "no video frame could be decoded" +
+                         (f" in the segment [{start}, {end}] s" if start is not None or end is not None else ""))
     return frames

@@ -1,177 +1,142 @@
 """Stage ``prepare``: read a dataset release and write one validated utterance table.
 
-Input (``data.layout: meld``), MELD's raw release layout (declare-lab/MELD)::
+Input: the layout ``data.layout`` names under ``data.root`` (MELD's raw release, IEMOCAP's full
+release, or a generic manifest; see :mod:`pipeline.datasets`).
 
-    <data.root>/train_sent_emo.csv   train_splits/dia{Dialogue_ID}_utt{Utterance_ID}.mp4
-    <data.root>/dev_sent_emo.csv     dev_splits_complete/...
-    <data.root>/test_sent_emo.csv    output_repeated_splits_test/...
+Output, in ``data/prepared/``:
 
-Output: ``data/prepared/utterances.csv`` with one row per utterance, in dialogue order::
+* ``utterances.csv``: one row per utterance, in dialogue order (the fields of :class:`Utterance`)::
 
-    utterance_id, split, dialogue_id, utterance_index, speaker, text, emotion, sentiment, clip
+      utterance_id, split, dialogue_id, utterance_index, speaker, text, emotion, sentiment,
+      clip, audio_clip, start, end
 
-and ``data/prepared/report.json`` (counts, missing clips, repaired text). Policies:
+* ``labels.json``: the emotion and sentiment classes, in model-output order (train and evaluate read
+  them from here, not from params: label sets are data);
+* ``report.json``: counts per split and class, missing clips, repaired text, dropped labels.
 
-* a clip listed in the CSV but absent from the release: kept text-only or skipped (``data.missing_clip``),
-  listed in the report either way;
-* cp1252 bytes in UTF-8 text (copies re-saved on Windows): decoded as cp1252 and counted;
-* an unknown emotion or sentiment, a duplicate id, a missing column, a non-integer id: a
-  :class:`DatasetError` naming the file, the row and the fix.
+Label policy, the same for every layout: raw labels are lower-cased and mapped through
+``data.label_map``; the class list is ``data.emotions`` when given, else the one the dataset declares;
+an emotion outside it stops the stage with the file and row (``data.unknown_label: error``) or drops
+the utterance with a count (``skip``). A dataset without sentiment labels gets them from the emotion
+through ``data.sentiment_map`` over :data:`DEFAULT_SENTIMENT_MAP`.
 
 Run: ``python -m pipeline.prepare [--params params.yaml]``.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
-import io
+import dataclasses
+import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from pipeline.config import Params, run_stage
+from pipeline.config import DataParams, Params, run_stage
+from pipeline.datasets import READERS, DatasetError, RawDataset, Utterance  # noqa: F401 (re-exported)
 from pipeline.features import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 PREPARED_DIR = Path("data/prepared")
 UTTERANCES = PREPARED_DIR / "utterances.csv"
+LABELS = PREPARED_DIR / "labels.json"
 REPORT = PREPARED_DIR / "report.json"
 
-MELD_SPLITS = {  # split -> (CSV file, clip folder)
-    "train": ("train_sent_emo.csv", "train_splits"),
-    "dev": ("dev_sent_emo.csv", "dev_splits_complete"),
-    "test": ("test_sent_emo.csv", "output_repeated_splits_test"),
+# emotion -> sentiment where a dataset has no sentiment labels. IEMOCAP's mapping follows GraphSmile
+# (lijfrank-open/GraphSmile): sad/ang/fru negative, neu neutral, hap/exc positive. Ambiguous emotions
+# (surprise) are left out on purpose: give a sentiment column or data.sentiment_map.
+DEFAULT_SENTIMENT_MAP = {
+    "neu": "neutral", "neutral": "neutral",
+    "hap": "positive", "exc": "positive", "happy": "positive", "happiness": "positive", "joy": "positive",
+    "excited": "positive",
+    "sad": "negative", "ang": "negative", "fru": "negative", "sadness": "negative", "anger": "negative",
+    "angry": "negative", "frustrated": "negative", "frustration": "negative", "disgust": "negative",
+    "fear": "negative",
 }
-MELD_COLUMNS = ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID")
 
 
-class DatasetError(ValueError):
-    """The dataset release is malformed; the message names the file, the row and what to do."""
-
-
-@dataclass(frozen=True)
-class Utterance:
-    """One row of the utterance table. ``clip`` is empty when the utterance has no media."""
-
-    utterance_id: str
-    split: str
-    dialogue_id: str
-    utterance_index: int
-    speaker: str
-    text: str
-    emotion: str
-    sentiment: str
-    clip: str
-
-
-def _cp1252_fallback(err: UnicodeDecodeError) -> tuple[str, int]:
-    """Decode a byte that is not valid UTF-8 as cp1252 (MELD copies re-saved on Windows: ``\\x92``)."""
-    bad = err.object[err.start:err.end]
-    return bad.decode("cp1252", errors="replace"), err.end
-
-
-codecs.register_error("meld_cp1252", _cp1252_fallback)
-
-
-def read_text(path: Path) -> tuple[str, int]:
-    """Read a text file as UTF-8, decoding stray cp1252 bytes; returns (text, number of bytes repaired)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig"), 0
-    except UnicodeDecodeError:
-        invalid = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
-        return raw.decode("utf-8-sig", errors="meld_cp1252"), invalid
-
-
-def read_meld_split(root: Path, split: str, params: Params) -> tuple[list[Utterance], dict]:
-    """Read one MELD split CSV and locate its clips.
+def apply_label_policy(dataset: RawDataset, data: DataParams) -> tuple[list[Utterance], dict, dict]:
+    """Map, check and complete the labels of a dataset's rows.
 
     Returns:
-        (utterances in dialogue order, a report dict: rows, repaired bytes, missing clips).
+        (kept utterances, ``{"emotions": [...], "sentiments": [...]}``, a report of what was mapped,
+        derived and dropped).
 
     Raises:
-        DatasetError: missing file or column, bad id, unknown label, duplicate utterance.
+        DatasetError: an unknown emotion or sentiment (``data.unknown_label: error``), or an emotion
+            without a sentiment to derive; the message names the file and row and the fix.
     """
-    csv_name, clip_dir = MELD_SPLITS[split]
-    path = root / csv_name
-    if not path.exists():
-        raise DatasetError(f"{path}: not found; data.root must hold MELD's {', '.join(c for c, _ in MELD_SPLITS.values())}")
-    text, repaired = read_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing_cols = [c for c in MELD_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing_cols:
-        raise DatasetError(f"{path}: missing column(s) {missing_cols}; found {reader.fieldnames}")
-    emotions, sentiments = set(params.data.emotions), set(params.data.sentiments)
-    rows: list[Utterance] = []
-    seen: dict[tuple[int, int], int] = {}
-    missing_clips: list[str] = []
-    row_no = 0
-    for row_no, row in enumerate(reader, start=1):
-        where = f"{path}, row {row_no} (line {reader.line_num})"
-        try:
-            d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
-        except (TypeError, ValueError):
-            raise DatasetError(f"{where}: Dialogue_ID/Utterance_ID must be integers, got "
-                               f"{row['Dialogue_ID']!r}/{row['Utterance_ID']!r}") from None
-        emotion = (row["Emotion"] or "").strip().lower()
-        sentiment = (row["Sentiment"] or "").strip().lower()
+    label_map = data.label_map
+    emotions = list(data.emotions) if data.emotions is not None else \
+        list(dict.fromkeys(label_map.get(e, e) for e in dataset.emotions))
+    sentiments = list(data.sentiments) if data.sentiments is not None else list(dataset.sentiments)
+    sentiment_map = {**DEFAULT_SENTIMENT_MAP, **data.sentiment_map}
+    kept: list[Utterance] = []
+    dropped: Counter[str] = Counter()
+    mapped: Counter[str] = Counter()
+    derived = 0
+    for utt, where in dataset.rows:
+        emotion = label_map.get(utt.emotion, utt.emotion)
+        if emotion != utt.emotion:
+            mapped[f"{utt.emotion}->{emotion}"] += 1
         if emotion not in emotions:
-            raise DatasetError(f"{where}: unknown emotion {row['Emotion']!r}; known: {params.data.emotions}. "
-                               "Fix the row, or add the label to data.emotions in params.yaml")
-        if sentiment not in sentiments:
-            raise DatasetError(f"{where}: unknown sentiment {row['Sentiment']!r}; known: {params.data.sentiments}. "
-                               "Fix the row, or add the label to data.sentiments in params.yaml")
-        if (d, u) in seen:
-            raise DatasetError(f"{where}: duplicate utterance Dialogue_ID={d}, Utterance_ID={u} "
-                               f"(first at row {seen[d, u]}); remove one of the two rows")
-        seen[d, u] = row_no
-        clip = root / clip_dir / f"dia{d}_utt{u}.mp4"
-        clip_field = clip.as_posix()
-        if not clip.exists():
-            missing_clips.append(f"{split}/dia{d}_utt{u}")
-            if params.data.missing_clip == "skip":
+            if data.unknown_label == "skip":
+                dropped[emotion or "(empty)"] += 1
                 continue
-            clip_field = ""
-        rows.append(Utterance(
-            utterance_id=f"{split}/dia{d}_utt{u}", split=split, dialogue_id=f"{split}/{d}",
-            utterance_index=u, speaker=(row["Speaker"] or "").strip(),
-            text=" ".join((row["Utterance"] or "").split()), emotion=emotion, sentiment=sentiment,
-            clip=clip_field,
-        ))
-    rows.sort(key=lambda r: (int(r.dialogue_id.split("/")[1]), r.utterance_index))
-    report = {"rows": row_no, "kept": len(rows), "repaired_bytes": repaired,
-              "missing_clips": missing_clips}
-    return rows, report
+            raise DatasetError(f"{where}: unknown emotion {utt.emotion!r}; known: {emotions}. Fix the row, map it "
+                               "with data.label_map, add it to data.emotions, or set data.unknown_label: skip")
+        sentiment = utt.sentiment
+        if not sentiment:
+            if emotion not in sentiment_map:
+                raise DatasetError(f"{where}: no sentiment label and none derivable from emotion {emotion!r}; "
+                                   f"add a sentiment column or data.sentiment_map.{emotion} in params.yaml")
+            sentiment, derived = sentiment_map[emotion], derived + 1
+        if sentiment not in sentiments:
+            raise DatasetError(f"{where}: unknown sentiment {utt.sentiment or sentiment!r}; known: {sentiments}. "
+                               "Fix the row, or set data.sentiments in params.yaml")
+        kept.append(dataclasses.replace(utt, emotion=emotion, sentiment=sentiment))
+    report = {"label_map": dict(mapped), "sentiment_derived": derived, "unknown_label_policy": data.unknown_label,
+              "dropped_unknown_labels": dict(dropped)}
+    return kept, {"emotions": emotions, "sentiments": sentiments}, report
 
 
-def prepare(params: Params) -> tuple[list[Utterance], dict]:
-    """Read the dataset named by ``params.data`` into an utterance table and a report."""
-    root = params.data.root
-    if not root.is_dir():
-        raise DatasetError(f"data.root {root} is not a directory; point data.root in params.yaml at the release")
-    utterances: list[Utterance] = []
-    report: dict = {"layout": params.data.layout, "root": str(root), "missing_clip_policy": params.data.missing_clip,
-                    "splits": {}}
-    for split in MELD_SPLITS:
-        rows, split_report = read_meld_split(root, split, params)
-        utterances += rows
-        split_report["dialogues"] = len({r.dialogue_id for r in rows})
-        split_report["emotions"] = dict(Counter(r.emotion for r in rows))
-        report["splits"][split] = split_report
+def prepare(params: Params) -> tuple[list[Utterance], dict, dict]:
+    """Read the dataset named by ``params.data`` into an utterance table, its labels and a report.
+
+    Returns:
+        (utterances in dialogue order, ``{"emotions", "sentiments"}``, report dict).
+
+    Raises:
+        DatasetError: the release is missing or malformed (the message says where and what to do).
+    """
+    data = params.data
+    if not data.root.exists():
+        raise DatasetError(f"data.root {data.root} does not exist; point data.root in params.yaml at the release")
+    if data.layout != "manifest" and not data.root.is_dir():
+        raise DatasetError(f"data.root {data.root} is not a directory; the {data.layout} layout is a folder")
+    dataset = READERS[data.layout](data.root, data)
+    utterances, labels, label_report = apply_label_policy(dataset, data)
+    report: dict = {"layout": data.layout, "root": str(data.root), "missing_clip_policy": data.missing_clip,
+                    **dataset.report, **label_report, "labels": labels, "splits": {}}
+    for split in ("train", "dev", "test"):
+        rows = [u for u in utterances if u.split == split]
+        report["splits"][split] = {**dataset.split_reports.get(split, {}), "kept": len(rows),
+                                   "dialogues": len({u.dialogue_id for u in rows}),
+                                   "emotions": dict(Counter(u.emotion for u in rows))}
     report["empty_text"] = [u.utterance_id for u in utterances if not u.text]
     report["speakers"] = len({u.speaker for u in utterances})
-    return utterances, report
+    return utterances, labels, report
 
 
 def write_utterances(utterances: list[Utterance], path: Path = UTTERANCES) -> None:
-    """Write the utterance table atomically (UTF-8 CSV)."""
+    """Write the utterance table atomically (UTF-8 CSV; ``start``/``end`` empty when None)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, [fl.name for fl in fields(Utterance)])
         writer.writeheader()
-        writer.writerows(asdict(u) for u in utterances)
+        for u in utterances:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(u).items()})
 
 
 def load_utterances(path: Path = UTTERANCES) -> list[Utterance]:
@@ -179,30 +144,54 @@ def load_utterances(path: Path = UTTERANCES) -> list[Utterance]:
 
     Raises:
         FileNotFoundError: the stage has not run (``dvc repro prepare``).
+        ValueError: a table written by an older version of this stage (rerun it).
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: utterance table not found; run the prepare stage (`dvc repro prepare`)")
     with open(path, newline="", encoding="utf-8") as f:
-        return [Utterance(**{**row, "utterance_index": int(row["utterance_index"])}) for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        missing = [fl.name for fl in fields(Utterance) if fl.name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: columns {missing} missing (written by an older version); "
+                             "rerun the prepare stage (`dvc repro prepare`)")
+        return [Utterance(**{**row, "utterance_index": int(row["utterance_index"]),
+                             "start": float(row["start"]) if row["start"] else None,
+                             "end": float(row["end"]) if row["end"] else None})
+                for row in reader]
+
+
+def load_labels(path: Path = LABELS) -> dict[str, list[str]]:
+    """The class lists written by this stage: ``{"emotions": [...], "sentiments": [...]}``.
+
+    Raises:
+        FileNotFoundError: the stage has not run (``dvc repro prepare``).
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: label file not found; run the prepare stage (`dvc repro prepare`)")
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def run(params: Params) -> None:
-    """Run the stage: write the utterance table and the report, log what was left out."""
-    utterances, report = prepare(params)
+    """Run the stage: write the utterance table, the labels and the report; log what was left out."""
+    utterances, labels, report = prepare(params)
     for split, r in report["splits"].items():
-        if r["missing_clips"]:
+        if r.get("missing_clips"):
             shown = ", ".join(r["missing_clips"][:10]) + (" ..." if len(r["missing_clips"]) > 10 else "")
-            log.warning("%s: %d clip(s) listed in the CSV are missing from the release (policy %s; "
-                        "all listed in %s): %s", split, len(r["missing_clips"]), params.data.missing_clip, REPORT, shown)
-        if r["repaired_bytes"]:
+            log.warning("%s: %d clip(s) listed are missing from the release (policy %s; all listed in %s): %s",
+                        split, len(r["missing_clips"]), params.data.missing_clip, REPORT, shown)
+        if r.get("repaired_bytes"):
             log.warning("%s: decoded %d cp1252 byte(s) in UTF-8 text", split, r["repaired_bytes"])
+    if report["dropped_unknown_labels"]:
+        log.warning("left out utterances with labels outside %s: %s", labels["emotions"],
+                    report["dropped_unknown_labels"])
     if report["empty_text"]:
-        log.warning("%d utterance(s) have empty text (text modality masked): %s",
-                    len(report["empty_text"]), ", ".join(report["empty_text"]))
+        shown = ", ".join(report["empty_text"][:10]) + (" ..." if len(report["empty_text"]) > 10 else "")
+        log.warning("%d utterance(s) have empty text (text modality masked): %s", len(report["empty_text"]), shown)
     write_utterances(utterances)
+    write_json(labels, LABELS)
     write_json(report, REPORT)
-    log.info("prepare: %d utterances in %d dialogues -> %s", len(utterances),
-             len({u.dialogue_id for u in utterances}), UTTERANCES)
+    log.info("prepare: %d utterances in %d dialogues, %d emotion classes %s -> %s", len(utterances),
+             len({u.dialogue_id for u in utterances}), len(labels["emotions"]), labels["emotions"], UTTERANCES)
 
 
 if __name__ == "__main__":

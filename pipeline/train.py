@@ -30,6 +30,7 @@ from pipeline.encoders import default_device
 from pipeline.features import atomic_path
 from pipeline.losses import erc_loss, inverse_frequency
 from pipeline.modeling import ERCModel
+from pipeline.prepare import load_labels
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,15 @@ def load_checkpoint(path: Path = CHECKPOINT) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int, encoders: dict | None = None,
-          live=None) -> dict:
+def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int, labels: dict[str, list[str]],
+          encoders: dict | None = None, live=None) -> dict:
     """Train on ``splits["train"]``, select on ``splits["dev"]`` by emotion weighted F1.
 
     Args:
         splits: ``{"train": [...], "dev": [...]}`` dialogues (see :func:`pipeline.data.load_dialogues`).
         num_relations: relation types of the dialogue graphs.
+        labels: ``{"emotions": [...], "sentiments": [...]}``, the classes in output order
+            (:func:`pipeline.prepare.load_labels`).
         encoders: which encoders produced the features (stored in the checkpoint).
         live: a ``dvclive.Live`` to log per-epoch metrics to, or None.
 
@@ -116,10 +119,11 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
     device = default_device()
     example = splits["train"][0]
     input_sizes = {m: int(f.shape[1]) for m, f in example.features.items()}
-    model = ERCModel(input_sizes, len(params.data.emotions), len(params.data.sentiments), num_relations,
+    emotions, sentiments = list(labels["emotions"]), list(labels["sentiments"])
+    model = ERCModel(input_sizes, len(emotions), len(sentiments), num_relations,
                      params.model).to(device)
     class_weights = inverse_frequency(torch.cat([d.emotion for d in splits["train"]]),
-                                      len(params.data.emotions)).to(device)
+                                      len(emotions)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     steps_per_epoch = -(-len(splits["train"]) // params.train.batch_dialogues)
     warmup = max(1, params.train.warmup_epochs * steps_per_epoch)
@@ -163,7 +167,7 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
             break
     return {
         "state_dict": best["state_dict"], "model": params.model.model_dump(), "input_sizes": input_sizes,
-        "emotions": list(params.data.emotions), "sentiments": list(params.data.sentiments),
+        "emotions": emotions, "sentiments": sentiments,
         "num_relations": num_relations, "encoders": encoders or {}, "lr": params.train.lr,
         "best_epoch": best["epoch"], "best_dev_weighted_f1": best["dev_weighted_f1"],
         "best_dev_accuracy": best["dev_accuracy"], "epochs_run": epoch + 1,
@@ -176,10 +180,11 @@ def run(params: Params) -> None:
 
     from pipeline.data import load_dialogues
 
-    splits, encoders = load_dialogues(params.data.emotions, params.data.sentiments)
+    labels = load_labels()
+    splits, encoders = load_dialogues(labels["emotions"], labels["sentiments"])
     _, num_relations = load_graphs()
     with Live(str(TRAIN_METRICS_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        checkpoint = train(params, splits, num_relations, encoders, live)
+        checkpoint = train(params, splits, num_relations, labels, encoders, live)
         live.summary.update({"best_epoch": checkpoint["best_epoch"],
                              "best_dev_weighted_f1": checkpoint["best_dev_weighted_f1"],
                              "best_dev_accuracy": checkpoint["best_dev_accuracy"], "lr_configured": params.train.lr})

@@ -89,8 +89,8 @@ def test_mismatched_lengths_are_rejected(change: str):
 
 
 def test_unknown_reason_is_rejected():
-    with pytest.raises(ValueError, match="'no_video'"):
-        FeatureTable(["a"], torch.zeros(1, 2), torch.zeros(1, dtype=torch.bool), ["no_video"])
+    with pytest.raises(ValueError, match="'no_smell'"):
+        FeatureTable(["a"], torch.zeros(1, 2), torch.zeros(1, dtype=torch.bool), ["no_smell"])
 
 
 def test_load_missing_file(tmp_path: Path):

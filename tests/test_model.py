@@ -17,6 +17,7 @@ from pipeline.train import build_model, predict, train
 
 SIZES = {"text": 12, "audio": 6, "visual": 8}
 EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+LABELS = {"emotions": EMOTIONS, "sentiments": ["negative", "neutral", "positive"]}
 
 
 def make_dialogues(n: int, seed: int, params, learnable: bool = True) -> list[Dialogue]:
@@ -146,8 +147,8 @@ def test_supcon_without_positives_is_zero_with_gradient():
 def test_training_learns_and_is_repeatable():
     params = small_params(**{"train.epochs": 25})
     splits = {"train": make_dialogues(16, seed=4, params=params), "dev": make_dialogues(6, seed=5, params=params)}
-    first = train(params, splits, num_relations(params.graph))
-    second = train(params, splits, num_relations(params.graph))
+    first = train(params, splits, num_relations(params.graph), LABELS)
+    second = train(params, splits, num_relations(params.graph), LABELS)
     assert first["best_dev_weighted_f1"] == second["best_dev_weighted_f1"]
     assert first["best_epoch"] == second["best_epoch"]
     for key, value in first["state_dict"].items():
@@ -162,13 +163,13 @@ def test_training_on_shuffled_labels_stays_near_chance():
     params = small_params(**{"train.epochs": 25})
     splits = {"train": make_dialogues(16, seed=4, params=params, learnable=False),
               "dev": make_dialogues(6, seed=5, params=params, learnable=False)}
-    assert train(params, splits, num_relations(params.graph))["best_dev_weighted_f1"] < 0.5
+    assert train(params, splits, num_relations(params.graph), LABELS)["best_dev_weighted_f1"] < 0.5
 
 
 def test_train_refuses_empty_dev_split():
     params = small_params()
     with pytest.raises(ValueError, match="dev split"):
-        train(params, {"train": make_dialogues(2, seed=1, params=params), "dev": []}, 5)
+        train(params, {"train": make_dialogues(2, seed=1, params=params), "dev": []}, 5, LABELS)
 
 
 def test_class_centre_loss_prefers_separated_centres():
@@ -190,6 +191,6 @@ def test_inverse_frequency_weights_rare_classes_up():
 def test_early_stopping_stops_after_patience():
     params = small_params(**{"train.epochs": 40, "train.patience": 2})
     splits = {"train": make_dialogues(8, seed=4, params=params), "dev": make_dialogues(4, seed=5, params=params)}
-    result = train(params, splits, num_relations(params.graph))
+    result = train(params, splits, num_relations(params.graph), LABELS)
     assert result["epochs_run"] < 40
     assert result["epochs_run"] - result["best_epoch"] == 2

@@ -131,6 +131,7 @@ def test_every_switch_trains_on_the_demo_features(project: Path, monkeypatch):
     from pipeline.build_graphs import load_graphs
     from pipeline.config import parse_params
     from pipeline.data import load_dialogues
+    from pipeline.prepare import load_labels
     from pipeline.train import train
 
     monkeypatch.chdir(project)
@@ -139,11 +140,12 @@ def test_every_switch_trains_on_the_demo_features(project: Path, monkeypatch):
     switches += [{"model": {"context": c}} for c in ("gru", "transformer", "none")]
     switches += [{"loss": {"contrastive": c}} for c in ("none", "supcon", "interclass")]
     switches += [{"loss": {"sentiment_weight": 0.0, "class_weights": "inverse_frequency"}}, {"train": {"patience": 1}}]
-    splits, encoders = load_dialogues(parse_params({}).data.emotions, parse_params({}).data.sentiments)
+    labels = load_labels()
+    splits, encoders = load_dialogues(labels["emotions"], labels["sentiments"])
     _, num_relations = load_graphs()
     for switch in switches:
         raw = {**switch, "train": {"epochs": 2, **switch.get("train", {})}}
-        result = train(parse_params(raw), splits, num_relations, encoders)
+        result = train(parse_params(raw), splits, num_relations, labels, encoders)
         assert 0.0 <= result["best_dev_weighted_f1"] <= 1.0, switch
         assert result["input_sizes"] == {"text": 384, "audio": 64, "visual": 512}
 
@@ -152,11 +154,11 @@ def test_regression_check_fails_on_a_broken_pipeline(project: Path):
     _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)
     source = project / "pipeline/extract_text.py"
     code = source.read_text()
-    anchor = "    table = FeatureTable([u.utterance_id for u in utterances], features, mask,"
+    anchor = "        table, _ = cache.table([u.utterance_id for u in utterances], info)\n"
     assert code.count(anchor) == 1
     # The bug: rows no longer belong to their utterances.
-    source.write_text(code.replace(anchor, "    features = features[torch.randperm(len(features), "
-                                           "generator=torch.Generator().manual_seed(0))]\n" + anchor))
+    source.write_text(code.replace(anchor, anchor + "        table.features = table.features[torch.randperm("
+                                   "len(table.features), generator=torch.Generator().manual_seed(0))]\n"))
     output = _run([sys.executable, "-m", "dvc", "repro"], project)
     assert _stages_run(output) == {"extract_text", "train", "evaluate"}
     result = subprocess.run([sys.executable, "-m", "pipeline.regression", "--rev", "HEAD"], cwd=project,

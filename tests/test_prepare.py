@@ -33,7 +33,7 @@ def test_utterance_table_ids_order_speaker_and_text(tmp_path: Path):
         row(0, 0, "First line.", "Ross"),
         row(0, 1, "Second line.", "Rachel", "anger", "negative"),
     ], "dev": [row(4, 0, "Dev.", "Phoebe")]})
-    utterances, report = prep.prepare(params_for(root))
+    utterances, _, report = prep.prepare(params_for(root))
 
     assert [u.utterance_id for u in utterances] == [
         "train/dia0_utt0", "train/dia0_utt1", "train/dia0_utt2", "train/dia1_utt0", "dev/dia4_utt0", "test/dia0_utt0"]
@@ -51,7 +51,7 @@ def test_utterance_table_ids_order_speaker_and_text(tmp_path: Path):
 
 def test_missing_clip_text_only_keeps_the_row_without_clip(tmp_path: Path):
     root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1), row(0, 2)]}, missing={"train/dia0_utt1"})
-    utterances, report = prep.prepare(params_for(root, missing_clip="text_only"))
+    utterances, _, report = prep.prepare(params_for(root, missing_clip="text_only"))
     table = by_id(utterances)
     assert table["train/dia0_utt1"].clip == "" and table["train/dia0_utt1"].text == "Hello there."
     assert table["train/dia0_utt0"].clip and table["train/dia0_utt2"].clip
@@ -62,7 +62,7 @@ def test_missing_clip_text_only_keeps_the_row_without_clip(tmp_path: Path):
 
 def test_missing_clip_skip_leaves_the_row_out_and_reports_it(tmp_path: Path):
     root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1), row(0, 2)]}, missing={"train/dia0_utt1"})
-    utterances, report = prep.prepare(params_for(root, missing_clip="skip"))
+    utterances, _, report = prep.prepare(params_for(root, missing_clip="skip"))
     assert [u.utterance_id for u in utterances if u.split == "train"] == ["train/dia0_utt0", "train/dia0_utt2"]
     train = report["splits"]["train"]
     assert (train["rows"], train["kept"], train["missing_clips"]) == (3, 2, ["train/dia0_utt1"])
@@ -74,7 +74,7 @@ def test_cp1252_bytes_in_utf8_text_are_decoded_and_counted(tmp_path: Path):
     # A Windows re-save: cp1252 apostrophe, ellipsis and en dash inside an otherwise UTF-8 file.
     csv_bytes = csv_bytes.replace(b"PLACEHOLDER_A", b"I don\x92t know\x85 really \x96 no.")
     root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1)]}, raw={"train": csv_bytes})
-    utterances, report = prep.prepare(params_for(root))
+    utterances, _, report = prep.prepare(params_for(root))
     table = by_id(utterances)
     assert table["train/dia0_utt0"].text == "I don’t know… really – no."
     assert table["train/dia0_utt1"].text == "It’s real UTF-8 — fine."
@@ -86,7 +86,7 @@ def test_utf8_bom_is_ignored(tmp_path: Path):
     header = ["Dialogue_ID", "Utterance_ID", "Utterance", "Speaker", "Emotion", "Sentiment"]
     csv_bytes = b"\xef\xbb\xbf" + meld_csv_bytes([row(0, 0, "Hi.")], header=header)
     root = write_meld(tmp_path / "meld", {"train": [row(0, 0)]}, raw={"train": csv_bytes})
-    utterances, _ = prep.prepare(params_for(root))
+    utterances, _, _ = prep.prepare(params_for(root))
     assert by_id(utterances)["train/dia0_utt0"].text == "Hi."
 
 
@@ -99,7 +99,7 @@ def test_crlf_and_lf_line_ends_give_the_same_table(tmp_path: Path):
     tables = []
     for name, data in (("crlf", crlf), ("lf", lf)):
         root = write_meld(tmp_path / name, {"train": rows}, raw={"train": data})
-        utterances, _ = prep.prepare(params_for(root))
+        utterances, _, _ = prep.prepare(params_for(root))
         tables.append([(u.utterance_id, u.text, u.speaker, u.emotion) for u in utterances])
     assert tables[0] == tables[1]
     assert ("train/dia0_utt1", 'He said "no, never".', "Rachel", "anger") in tables[0]
@@ -154,20 +154,23 @@ def test_missing_split_file_and_missing_root(tmp_path: Path):
     (root / "dev_sent_emo.csv").unlink()
     with pytest.raises(DatasetError, match="dev_sent_emo.csv: not found"):
         prep.prepare(params_for(root))
-    with pytest.raises(DatasetError, match="not a directory"):
+    with pytest.raises(DatasetError, match="does not exist"):
         prep.prepare(params_for(tmp_path / "nowhere"))
+    (tmp_path / "file.csv").write_text("x")
+    with pytest.raises(DatasetError, match="not a directory"):
+        prep.prepare(params_for(tmp_path / "file.csv"))
 
 
 def test_empty_text_is_kept_and_reported(tmp_path: Path):
     root = write_meld(tmp_path / "meld", {"train": [row(0, 0, "   "), row(0, 1, "Hi.")]})
-    utterances, report = prep.prepare(params_for(root))
+    utterances, _, report = prep.prepare(params_for(root))
     assert by_id(utterances)["train/dia0_utt0"].text == ""
     assert report["empty_text"] == ["train/dia0_utt0"]
 
 
 def test_labels_in_params_are_matched_case_insensitively(tmp_path: Path):
     root = write_meld(tmp_path / "meld", {split: [row(0, 0, emotion="Neutral")] for split in MELD_CSVS})
-    utterances, _ = prep.prepare(params_for(root, emotions=["Neutral", "Joy"]))
+    utterances, _, _ = prep.prepare(params_for(root, emotions=["Neutral", "Joy"]))
     assert len(utterances) == 3
 
 
@@ -220,7 +223,7 @@ def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path, repo_root: Path):
 
 
 def test_bundled_demo_release(demo_root: Path):
-    utterances, report = prep.prepare(params_for(demo_root))
+    utterances, _, report = prep.prepare(params_for(demo_root))
     table = by_id(utterances)
     # scripts/make_demo.py: 12/3/4 dialogues; defects: a missing clip, a clip without audio, one without a face.
     assert {s: r["dialogues"] for s, r in report["splits"].items()} == {"train": 12, "dev": 3, "test": 4}
@@ -241,7 +244,9 @@ def meld_prepared(meld_dir: Path):
 
 
 def test_real_meld_counts(meld_prepared):
-    utterances, report = meld_prepared
+    utterances, labels, report = meld_prepared
+    assert labels == {"emotions": ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
+                      "sentiments": ["negative", "neutral", "positive"]}
     assert len(utterances) == 13708
     splits = report["splits"]
     assert {s: splits[s]["rows"] for s in splits} == {"train": 9989, "dev": 1109, "test": 2610}
@@ -254,7 +259,9 @@ def test_real_meld_counts(meld_prepared):
 
 
 def test_real_meld_structure(meld_prepared):
-    utterances, report = meld_prepared
+    utterances, labels, report = meld_prepared
+    assert labels == {"emotions": ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
+                      "sentiments": ["negative", "neutral", "positive"]}
     train_dialogues = {u.dialogue_id for u in utterances if u.split == "train"}
     assert "train/60" not in train_dialogues and "train/59" in train_dialogues and "train/61" in train_dialogues
     # No clips in ../shared: every row is kept text-only and listed.
@@ -275,7 +282,7 @@ def test_real_meld_structure(meld_prepared):
 
 
 def test_real_meld_skip_policy_without_clips_keeps_nothing(meld_dir: Path):
-    utterances, report = prep.prepare(params_for(meld_dir, missing_clip="skip"))
+    utterances, _, report = prep.prepare(params_for(meld_dir, missing_clip="skip"))
     assert utterances == []
     assert report["splits"]["dev"]["rows"] == 1109 and report["splits"]["dev"]["kept"] == 0
 
@@ -291,7 +298,7 @@ def test_real_meld_resaved_with_cp1252_apostrophes_gives_the_same_text(meld_dir:
     replaced = dev.count(apostrophe)
     assert replaced > 100
     (copy / "dev_sent_emo.csv").write_bytes(dev.replace(apostrophe, b"\x92"))
-    utterances, report = prep.prepare(params_for(copy))
+    utterances, _, report = prep.prepare(params_for(copy))
     assert report["splits"]["dev"]["repaired_bytes"] == replaced
     original = [(u.utterance_id, u.text) for u in meld_prepared[0]]
     assert [(u.utterance_id, u.text) for u in utterances] == original
