@@ -205,10 +205,11 @@ def test_extract_audio_survives_a_very_short_audio_track(stage_dir: Path, clips:
 def test_audio_features_do_not_depend_on_the_batch(stage_dir: Path, demo_root: Path, norm: str):
     train = demo_root / "train_splits"
     write_utterances([(f"train/dia0_utt{u}", "x", "A", train / f"dia0_utt{u}.mp4") for u in range(3)])
-    params = parse_params({"audio": {"random_init": {**TINY_AUDIO, "feat_extract_norm": norm}}})
-    extract_audio.run(params, batch_size=1)
+    params = {"audio": {"random_init": {**TINY_AUDIO, "feat_extract_norm": norm}}}
+    extract_audio.run(parse_params({"audio": {**params["audio"], "batch_size": 1}}))
     alone = load_table("data/features/audio.safetensors").features
-    extract_audio.run(params, batch_size=8)  # clips of different lengths padded together
+    # clips of different lengths padded together
+    extract_audio.run(parse_params({"audio": {**params["audio"], "batch_size": 8}}))
     batched = load_table("data/features/audio.safetensors").features
     assert torch.count_nonzero(alone) > 0
     assert torch.allclose(alone, batched, atol=1e-4), (alone - batched).abs().max()
@@ -240,8 +241,8 @@ def test_extract_visual_reasons_and_report(stage_dir: Path, demo_root: Path, bad
     assert table.info["pretrained"] is False and table.info["max_frames"] == 2
 
     r = report("visual")
-    assert r["per_clip"] == {"train/dia0_utt0": {"frames": 2, "frames_with_face": 2},
-                             "test/dia1_utt2": {"frames": 2, "frames_with_face": 0}}
+    assert r["per_clip"] == {"train/dia0_utt0": {"frames": 2, "faces_per_frame": [1, 1], "frames_tracked": 2},
+                             "test/dia1_utt2": {"frames": 2, "faces_per_frame": [0, 0], "frames_tracked": 0}}
     assert r["frames"] == 4
     assert r["reasons"] == {"ok": 1, "no_face": 1, "decode_error": 1, "missing_clip": 1}
     assert r["masked"]["no_face"] == ["test/dia1_utt2"] and r["masked"]["decode_error"] == ["test/dia9_utt0"]
@@ -261,28 +262,32 @@ def face_and_blank_frames(demo_root: Path):
     return face, blank
 
 
-def test_embed_faces_one_frame_per_batch(face_models, demo_root: Path):
+def embed(frames, face_models, **settings):
     mtcnn, embedder, _ = face_models
+    visual = parse_params({"visual": {"face_weights": "random", "batch_frames": 1}}).visual
+    # model_copy skips validation: min_face_prob 1.01 rejects even the demo's p = 1.0 faces
+    return extract_visual.embed_faces(frames, mtcnn, embedder, visual.model_copy(update=settings), CPU)
+
+
+def test_embed_faces_one_frame_per_batch(face_models, demo_root: Path):
     face, blank = face_and_blank_frames(demo_root)
-    kwargs = dict(min_face_prob=0.9, batch_frames=1, device=CPU)
-    alone, n_alone = extract_visual.embed_faces([face], mtcnn, embedder, **kwargs)
-    assert n_alone == 1 and alone.shape == (512,)
-    mixed, n_mixed = extract_visual.embed_faces([blank, face, blank], mtcnn, embedder, **kwargs)
-    assert n_mixed == 1 and torch.allclose(alone, mixed, atol=1e-5)
-    twice, n_twice = extract_visual.embed_faces([face, face], mtcnn, embedder, **{**kwargs, "batch_frames": 16})
-    assert n_twice == 2 and torch.allclose(alone, twice, atol=1e-5)
-    assert extract_visual.embed_faces([blank, blank], mtcnn, embedder, **kwargs) == (None, 0)
+    alone, d_alone = embed([face], face_models)
+    assert d_alone == {"frames": 1, "faces_per_frame": [1], "frames_tracked": 1} and alone.shape == (512,)
+    mixed, d_mixed = embed([blank, face, blank], face_models)
+    assert d_mixed["faces_per_frame"] == [0, 1, 0] and torch.allclose(alone, mixed, atol=1e-5)
+    twice, d_twice = embed([face, face], face_models, batch_frames=16)
+    assert d_twice["frames_tracked"] == 2 and torch.allclose(alone, twice, atol=1e-5)
+    assert embed([blank, blank], face_models)[0] is None
     # A detection below min_face_prob does not count.
-    assert extract_visual.embed_faces([face], mtcnn, embedder, **{**kwargs, "min_face_prob": 1.01}) == (None, 0)
+    none, d_none = embed([face], face_models, min_face_prob=1.01)
+    assert none is None and d_none["faces_per_frame"] == [0]
 
 
 def test_embed_faces_batch_with_and_without_faces(face_models, demo_root: Path):
-    mtcnn, embedder, _ = face_models
     face, blank = face_and_blank_frames(demo_root)
-    kwargs = dict(min_face_prob=0.9, batch_frames=16, device=CPU)
-    alone, _ = extract_visual.embed_faces([face], mtcnn, embedder, **kwargs)
-    mixed, n_mixed = extract_visual.embed_faces([blank, face, blank], mtcnn, embedder, **kwargs)
-    assert n_mixed == 1 and torch.allclose(alone, mixed, atol=1e-5)
+    alone, _ = embed([face], face_models, batch_frames=16)
+    mixed, d_mixed = embed([blank, face, blank], face_models, batch_frames=16)
+    assert d_mixed["frames_tracked"] == 1 and torch.allclose(alone, mixed, atol=1e-5)
 
 
 def test_extract_visual_clip_where_the_face_leaves(stage_dir: Path, demo_root: Path, ffmpeg):
@@ -293,7 +298,8 @@ def test_extract_visual_clip_where_the_face_leaves(stage_dir: Path, demo_root: P
     write_utterances([("train/dia0_utt0", "x", "A", clip)])
     extract_visual.run(parse_params({"visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}}))
     assert load_table("data/features/visual.safetensors").reasons == ["ok"]
-    assert report("visual")["per_clip"]["train/dia0_utt0"] == {"frames": 2, "frames_with_face": 1}
+    assert report("visual")["per_clip"]["train/dia0_utt0"] == {"frames": 2, "faces_per_frame": [1, 0],
+                                                               "frames_tracked": 1}
 
 
 def test_load_face_models_missing_weights_path(tmp_path: Path):
