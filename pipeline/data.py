@@ -86,8 +86,12 @@ def collate(dialogues: list[Dialogue]) -> DialogueBatch:
 
 
 def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[Utterance] | None = None,
-                   features_dir: Path | None = None) -> tuple[dict[str, list[Dialogue]], dict[str, dict]]:
+                   features_dir: Path | None = None, graphs: dict | None = None,
+                   ) -> tuple[dict[str, list[Dialogue]], dict[str, dict]]:
     """Join the utterance table, the three feature files and the graphs into dialogues per split.
+
+    Defaults: the prepare stage's table, ``data/features`` and the build_graphs stage's graphs.
+    Unlabelled utterances (empty emotion / sentiment, for prediction) get label index -1.
 
     Returns:
         ({split: [Dialogue, ...]}, {modality: encoder info of its feature file}).
@@ -99,7 +103,8 @@ def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[
     utterances = utterances if utterances is not None else load_utterances()
     tables = {m: load_table(feature_path(m) if features_dir is None else features_dir / f"{m}.safetensors")
               for m in MODALITIES}
-    graphs, _ = load_graphs()
+    if graphs is None:
+        graphs, _ = load_graphs()
     by_dialogue: dict[str, list[Utterance]] = {}
     for u in utterances:
         by_dialogue.setdefault(u.dialogue_id, []).append(u)
@@ -116,8 +121,8 @@ def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[
             features[m], masks[m] = table.rows(ids)
         splits.setdefault(utts[0].split, []).append(Dialogue(
             dialogue_id, ids, features, masks,
-            torch.tensor([emotions.index(u.emotion) for u in utts]),
-            torch.tensor([sentiments.index(u.sentiment) for u in utts]),
+            torch.tensor([emotions.index(u.emotion) if u.emotion else -1 for u in utts]),
+            torch.tensor([sentiments.index(u.sentiment) if u.sentiment else -1 for u in utts]),
             graphs[dialogue_id],
         ))
     return splits, {m: t.info for m, t in tables.items()}

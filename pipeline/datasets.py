@@ -225,15 +225,18 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
             dev draw.
     """
     evaluations = sorted((p for p in root.glob("Session*/dialog/EmoEvaluation/*.txt")
-                          if not p.name.startswith(".")), key=lambda p: p.stem)  # skip macOS "._" copies
+                          if not p.name.startswith(".")), key=lambda p: (p.stem, p))  # skip macOS "._" copies
     if not evaluations:
         raise DatasetError(f"{root}: no Session*/dialog/EmoEvaluation/*.txt found; data.root must be IEMOCAP's "
                            "full release folder holding Session1..Session5/dialog/{EmoEvaluation,transcriptions,"
                            "avi/DivX,wav}/<dialog>.*")
-    dialogues = {path.stem: (path, _iemocap_evaluation(path)) for path in evaluations}
+    dialogues: dict[str, tuple[Path, list]] = {}
     seen: dict[str, str] = {}
-    for _, entries in dialogues.values():
-        for name, *_, where in entries:
+    for path in evaluations:
+        if path.stem in dialogues:
+            raise DatasetError(f"{path}: dialogue {path.stem} also in {dialogues[path.stem][0]}; keep one copy")
+        dialogues[path.stem] = path, _iemocap_evaluation(path)
+        for name, *_, where in dialogues[path.stem][1]:
             if name in seen:
                 raise DatasetError(f"{where}: duplicate utterance {name} (also at {seen[name]}); "
                                    "remove the duplicate dialogue or line")

@@ -101,7 +101,8 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
     settings = params.audio
     device = default_device()
     extractor, model, info = load_audio_backend(settings, device)
-    info = {**info, "backend": settings.backend, "sample_rate": settings.sample_rate}
+    info = {**info, "backend": settings.backend, "sample_rate": settings.sample_rate,
+            "params": settings.model_dump(mode="json")}
     if settings.backend == "wav2vec2":
         info["last_k_layers"] = settings.last_k_layers
         min_samples = min_input_samples(model)

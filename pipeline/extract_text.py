@@ -142,7 +142,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
     if params.text.context_window and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"text.context_window needs a fast tokenizer; {params.text.model} has none")
     info = {**info, "pooling": params.text.pooling, "last_k_layers": params.text.last_k_layers,
-            "context_window": params.text.context_window}
+            "context_window": params.text.context_window, "params": params.text.model_dump(mode="json")}
     inputs = encoder_inputs(utterances, params.text.context_window)
     with ExtractionCache("text", params.text.model_dump(), model.config.hidden_size, cache_root) as cache:
         signatures = [cache.signature(x) for x in inputs]

@@ -169,6 +169,10 @@ def train(params: Params, splits: dict[str, list[Dialogue]], num_relations: int,
         "state_dict": best["state_dict"], "model": params.model.model_dump(), "input_sizes": input_sizes,
         "emotions": emotions, "sentiments": sentiments,
         "num_relations": num_relations, "encoders": encoders or {}, "lr": params.train.lr,
+        # the settings the features (as their files record them) and graphs were made with:
+        # predict refuses to run with other ones
+        "feature_params": {**{m: (encoders or {}).get(m, {}).get("params") for m in ("text", "audio", "visual")},
+                           "graph": params.graph.model_dump(mode="json")},
         "best_epoch": best["epoch"], "best_dev_weighted_f1": best["dev_weighted_f1"],
         "best_dev_accuracy": best["dev_accuracy"], "epochs_run": epoch + 1,
     }

@@ -1,0 +1,531 @@
+"""Extraction speed: each feature stage against a bare model loop on the same inputs, same process.
+
+For every stage (text, audio, visual) a child process of this script
+
+1. warms up (the stage on a few utterances, untimed: imports, thread pools, kernel caches);
+2. runs the stage's own ``extract(...)`` on N utterances into a temporary features folder and a
+   FRESH temporary cache root (nothing is resumed), timed wall-clock; the loader call inside it is
+   timed too (``load`` below), so throughput is given with and without the one-off model load;
+3. loads the same model once more through the same :mod:`pipeline.encoders` loader (untimed),
+   pre-decodes the inputs (untimed) and times a bare loop that only calls the model on them one
+   batch at a time, with the stage's batch size, under ``torch.inference_mode()``.
+
+ratio = pipeline utt/s / bare utt/s over the same N utterances (= bare seconds / pipeline seconds).
+Targets (issue): text and audio ratio >= 0.8 (the audio pipeline decodes and resamples, the bare loop
+reads pre-decoded 16 kHz arrays); visual: decoding at most a third of the stage's time.
+
+Peak RSS is per stage because each stage runs in its own process (ru_maxrss only grows).
+
+    python benchmarks/extract.py --utterances 500 --json benchmarks/results/extract_speed.json
+
+The demo profile's audio and visual encoders are randomly initialised (no weights offline); their
+speed is that of the architecture. ``--audio-config base`` times a random wav2vec2 of
+wav2vec2-base's size instead (``demo base`` times both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from pipeline import extract_audio, extract_text, extract_visual  # noqa: E402
+from pipeline.config import Params, load_params, parse_params  # noqa: E402
+from pipeline.encoders import autocast_dtype, default_device  # noqa: E402
+from pipeline.features import ExtractionCache  # noqa: E402
+from pipeline.media import MediaError, load_audio, sample_frames  # noqa: E402
+from pipeline.prepare import Utterance, prepare  # noqa: E402
+
+STAGES = ("text", "audio", "visual")
+TARGET_RATIO = 0.8
+MAX_DECODE_SHARE = 1 / 3
+
+# wav2vec2-base's architecture (Baevski et al. 2020; facebook/wav2vec2-base's config.json), built with
+# random weights: the audio figure then reflects the real model's cost without downloading it.
+WAV2VEC2_BASE = {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+    "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "feat_extract_norm": "group", "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def demo_utterances(params: Params, n: int, repeat: bool) -> list[Utterance]:
+    """``n`` utterances of the dataset ``params.data`` names (the demo: 115).
+
+    With ``repeat``, whole dialogues are repeated in order until there are ``n``; copy ``k`` gets
+    utterance and dialogue ids prefixed ``rep<k>/`` (unique ids, same text and media files).
+    Without it, at most the dataset's own utterances are returned.
+    """
+    base, _, _ = prepare(params)
+    if not repeat:
+        return base[:n]
+    out: list[Utterance] = []
+    copy = 0
+    while len(out) < n:
+        out += [dataclasses.replace(u, utterance_id=f"rep{copy}/{u.utterance_id}", dialogue_id=f"rep{copy}/{u.dialogue_id}")
+                for u in base]
+        copy += 1
+    return out[:n]
+
+
+def with_audio_config(params: Params, config: str) -> Params:
+    """``params`` unchanged (``demo``), or with ``audio.random_init`` set to wav2vec2-base's size (``base``)."""
+    if config == "demo":
+        return params
+    raw = params.model_dump(mode="json")
+    raw["audio"]["random_init"] = dict(WAV2VEC2_BASE)
+    return parse_params(raw)
+
+
+def decoded_once(key_fn, decode_fn):
+    """Memoise decoding by media key: repeated utterances share one decoded copy (memory stays small)."""
+    cache: dict = {}
+
+    def get(utt: Utterance):
+        key = key_fn(utt)
+        if key not in cache:
+            try:
+                cache[key] = decode_fn(utt)
+            except MediaError:
+                cache[key] = None
+        return cache[key]
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# timing helpers
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock times are complete."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Stopwatch:
+    """Times calls to named functions while active, as exclusive ("self") seconds per name.
+
+    Nested timed calls are subtracted from their caller, so the buckets add up to at most the wall
+    time; the remainder is the stage's own loop (iteration, tqdm, bookkeeping). Used to say where the
+    pipeline's time goes; the wrappers cost a few microseconds per call.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._stack: list[float] = []  # per open call: seconds spent in nested timed calls
+        self._patches = contextlib.ExitStack()
+
+    def wrap(self, name: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total = time.perf_counter() - t0
+                nested = self._stack.pop()
+                self.seconds[name] = self.seconds.get(name, 0.0) + total - nested
+                self.calls[name] = self.calls.get(name, 0) + 1
+                if self._stack:
+                    self._stack[-1] += total
+        return timed
+
+    def patch(self, owner, attr: str, name: str | None = None, static: bool = False) -> None:
+        """Replace ``owner.attr`` by a timed wrapper until :meth:`close`."""
+        original = owner.__dict__[attr] if static else getattr(owner, attr)
+        fn = original.__func__ if static else original
+        wrapped = staticmethod(self.wrap(name or attr, fn)) if static else self.wrap(name or attr, fn)
+        setattr(owner, attr, wrapped)
+        self._patches.callback(setattr, owner, attr, original)
+
+    def close(self) -> None:
+        self._patches.close()
+
+
+# Per stage: the stage module, its loader's name in that module, and the functions it calls whose
+# time is worth separating (name in the stage module -> bucket).
+STAGE_MODULES = {"text": extract_text, "audio": extract_audio, "visual": extract_visual}
+LOADERS = {"text": "load_text_encoder", "audio": "load_audio_backend", "visual": "load_face_models"}
+CALLS = {
+    "text": {"encode_texts": "model (tokenize+forward+pool)"},
+    "audio": {"load_audio": "decode+resample", "encode_waves": "model (extractor+forward+pool)",
+              "file_signature": "file stat", "min_input_samples": "min_input_samples"},
+    "visual": {"sample_frames": "decode", "embed_faces": "model (detect+track+embed)", "file_signature": "file stat"},
+}
+
+
+def instrument(stage: str) -> Stopwatch:
+    """A :class:`Stopwatch` on the stage's loader, model calls, decoding, cache and output writing."""
+    watch = Stopwatch()
+    module = STAGE_MODULES[stage]
+    watch.patch(module, LOADERS[stage], "load")
+    for attr, bucket in CALLS[stage].items():
+        watch.patch(module, attr, bucket)
+    watch.patch(module, "finish_extraction", "write features+report")
+    for method in ("__init__", "put", "table"):
+        watch.patch(ExtractionCache, method, f"cache {method.strip('_')}")
+    watch.patch(ExtractionCache, "flush", "cache shard writes")
+    watch.patch(ExtractionCache, "signature", "cache signatures", static=True)
+    return watch
+
+
+def run_pipeline(stage: str, utterances: list[Utterance], params: Params, measure: bool) -> dict:
+    """The stage's ``extract`` into temporary folders (fresh cache root), wall-clock timed.
+
+    Returns:
+        ``seconds``, ``load_seconds`` (the loader call inside this run), the per-bucket
+        ``breakdown`` (with ``measure``) and the stage ``report``.
+    """
+    watch = instrument(stage)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-features-") as features, \
+                tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+            device = default_device()
+            sync(device)
+            t0 = time.perf_counter()
+            report = STAGE_MODULES[stage].extract(utterances, params, Path(features), Path(cache))
+            sync(device)
+            seconds = time.perf_counter() - t0
+    finally:
+        watch.close()
+    out = {"seconds": seconds, "load_seconds": watch.seconds.get("load", 0.0), "report": report}
+    if measure:
+        breakdown = {k: round(v, 3) for k, v in sorted(watch.seconds.items(), key=lambda kv: -kv[1])}
+        breakdown["rest (loop, tqdm, bookkeeping)"] = round(seconds - sum(watch.seconds.values()), 3)
+        out["breakdown"] = breakdown
+        out["calls"] = watch.calls
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bare model loops: load (untimed), pre-decode (untimed), then time only the model calls
+
+
+def bare_text(utterances: list[Utterance], params: Params, device: torch.device) -> dict:
+    """Tokenizer + forward in length-sorted batches of ``text.batch_size`` (the utterance text only)."""
+    from pipeline.encoders import load_text_encoder
+
+    settings = params.text
+    tokenizer, model, _ = load_text_encoder(settings.model, device)
+    texts = sorted((u.text for u in utterances if u.text.strip()), key=len)
+    max_length = min(settings.max_length, tokenizer.model_max_length)
+    dtype = autocast_dtype(settings.cuda_dtype, device)
+    reset_cuda_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for s in range(0, len(texts), settings.batch_size):
+            batch = tokenizer(texts[s:s + settings.batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt").to(device)
+            model(**batch).last_hidden_state.mean(1).float().cpu()
+    sync(device)
+    return {"seconds": time.perf_counter() - t0, "inputs": len(texts), "batches": -(-len(texts) // settings.batch_size)}
+
+
+def bare_audio(utterances: list[Utterance], params: Params, device: torch.device) -> dict:
+    """Feature extractor + forward on pre-decoded 16 kHz arrays, batched like the pipeline.
+
+    The pipeline's rule: batch 1 for group-norm feature encoders (wav2vec2-base and the demo's), else
+    ``audio.batch_size``; utterances longer than ``audio.chunk_seconds`` are cut into chunks.
+    """
+    from pipeline.encoders import load_audio_backend
+
+    settings = params.audio
+    extractor, model, _ = load_audio_backend(settings, device)
+    batch_size = 1 if getattr(model.config, "feat_extract_norm", "layer") == "group" else settings.batch_size
+    min_samples = extract_audio.min_input_samples(model)
+    decode = decoded_once(lambda u: (u.audio_source, u.start, u.end),
+                          lambda u: load_audio(u.audio_source, settings.sample_rate, settings.max_seconds, u.start, u.end))
+    chunk = int(settings.chunk_seconds * settings.sample_rate)
+    waves = [w for u in utterances if u.audio_source and (w := decode(u)) is not None and w.numel() >= min_samples]
+    chunks = [c.numpy() for w in waves for c in w.split(chunk)]
+    dtype = autocast_dtype(settings.cuda_dtype, device)
+    reset_cuda_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for s in range(0, len(chunks), batch_size):
+            inputs = extractor(chunks[s:s + batch_size], sampling_rate=settings.sample_rate, padding=True,
+                               return_attention_mask=True, return_tensors="pt")
+            model(inputs["input_values"].to(device), attention_mask=inputs["attention_mask"].to(device)
+                  ).last_hidden_state.mean(1).float().cpu()
+    sync(device)
+    return {"seconds": time.perf_counter() - t0, "inputs": len(waves), "batches": -(-len(chunks) // batch_size),
+            "audio_seconds": round(sum(w.numel() for w in waves) / settings.sample_rate, 1)}
+
+
+def bare_visual(utterances: list[Utterance], params: Params, device: torch.device) -> dict:
+    """MTCNN detect + extract + InceptionResnetV1 on pre-decoded frames, per clip as the pipeline batches.
+
+    Per clip: detection on batches of ``visual.batch_frames`` frames, the first (largest) face at or
+    above ``visual.min_face_prob`` in each frame, its crop, embeddings in batches of ``batch_frames``.
+    """
+    from pipeline.encoders import load_face_models
+
+    settings = params.visual
+    mtcnn, embedder, _ = load_face_models(settings.face_weights, settings.min_face_prob, device)
+    decode = decoded_once(lambda u: (u.clip, u.start, u.end),
+                          lambda u: sample_frames(u.clip, settings.fps, settings.max_frames, u.start, u.end))
+    clips = [f for u in utterances if u.clip and (f := decode(u)) is not None]
+    step = settings.batch_frames
+    detect_s = embed_s = 0.0
+    frames = tracked = 0
+    reset_cuda_peak(device)
+    with torch.inference_mode():
+        for clip in clips:
+            t0 = time.perf_counter()
+            keep_frames, keep_boxes = [], []
+            for s in range(0, len(clip), step):
+                boxes, probs = mtcnn.detect(clip[s:s + step])
+                for frame, b, p in zip(clip[s:s + step], boxes, probs):
+                    good = [k for k in range(len(p)) if p[k] is not None and p[k] >= settings.min_face_prob]
+                    if b is not None and good:
+                        keep_frames.append(frame)
+                        keep_boxes.append(b[good[:1]])
+            crops = mtcnn.extract(keep_frames, keep_boxes, None) if keep_frames else []
+            t1 = time.perf_counter()
+            if keep_frames:
+                crops = torch.cat(list(crops))
+                for s in range(0, len(crops), step):
+                    embedder(crops[s:s + step].to(device)).float().cpu()
+            sync(device)
+            detect_s += t1 - t0
+            embed_s += time.perf_counter() - t1
+            frames += len(clip)
+            tracked += len(keep_frames)
+    return {"seconds": detect_s + embed_s, "inputs": len(clips), "frames": frames, "frames_tracked": tracked,
+            "detect_seconds": detect_s, "embed_seconds": embed_s,
+            "detect_frames_per_second": frames / detect_s if detect_s else None,
+            "embed_frames_per_second": tracked / embed_s if embed_s else None}
+
+
+BARE = {"text": bare_text, "audio": bare_audio, "visual": bare_visual}
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# one stage (child process)
+
+
+def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int) -> dict:
+    """Warm-up, the timed pipeline run, then the timed bare loop; figures for one stage."""
+    device = default_device()
+    utterances = demo_utterances(params, n, repeat)
+    rss_start = peak_rss_mb()
+    if warmup:
+        run_pipeline(stage, utterances[:warmup], params, measure=False)
+    reset_cuda_peak(device)
+    pipe = run_pipeline(stage, utterances, params, measure=True)
+    pipe_cuda = cuda_peak_mb(device)
+    rss_pipeline = peak_rss_mb()
+    bare = BARE[stage](utterances, params, device)
+    n = len(utterances)
+    rate = n / pipe["seconds"]
+    rate_no_load = n / (pipe["seconds"] - pipe["load_seconds"])
+    bare_rate = n / bare["seconds"]
+    report = pipe.pop("report")
+    out = {
+        "stage": stage, "device": str(device), "utterances": n, "encoder": report["encoder"],
+        "pipeline": {**pipe, "utterances_per_second": rate, "utterances_per_second_excluding_load": rate_no_load,
+                     "reasons": report["reasons"]},
+        "bare": {**bare, "utterances_per_second": bare_rate},
+        "ratio": rate / bare_rate, "ratio_excluding_load": rate_no_load / bare_rate,
+        "peak_rss_mb": {"after_imports": rss_start, "pipeline": rss_pipeline, "with_bare_loop": peak_rss_mb()},
+        "cuda_max_allocated_mb": {"pipeline": pipe_cuda, "bare": cuda_peak_mb(device)},
+    }
+    if stage == "visual":
+        work = pipe["seconds"] - pipe["load_seconds"]
+        out["visual"] = {k: report.get(k) for k in ("frames", "frames_tracked", "decode_seconds", "detect_seconds",
+                                                    "embed_seconds", "detect_frames_per_second",
+                                                    "embed_frames_per_second")}
+        out["visual"]["decode_share"] = report["decode_seconds"] / work
+        out["visual"]["decode_share_of_wall"] = report["decode_seconds"] / pipe["seconds"]
+    if stage == "audio":
+        out["audio_seconds_decoded"] = report.get("audio_seconds_decoded")
+    return out
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """``--only STAGE``: measure one stage in this process and write its figures to ``--child-out``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    if args.only == "audio":
+        params = with_audio_config(params, args.audio_config[0])
+    result = measure_stage(args.only, params, args.utterances, args.repeat_dialogues, args.warmup)
+    result["audio_config"] = args.audio_config[0] if args.only == "audio" else None
+    Path(args.child_out).write_text(json.dumps(result, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: one child per stage, then the table
+
+
+def run_child(args: argparse.Namespace, stage: str, n: int, audio_config: str | None) -> dict:
+    """Run ``--only stage`` in a fresh interpreter (per-stage peak RSS) and read back its figures."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", stage, "--params", str(args.params),
+           "--utterances", str(n), "--warmup", str(args.warmup), "--child-out", str(out),
+           "--repeat-dialogues" if args.repeat_dialogues else "--no-repeat-dialogues"]
+    if audio_config:
+        cmd += ["--audio-config", audio_config]
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}{' (' + audio_config + ')' if audio_config else ''}: "
+          f"{n} utterances ...", file=sys.stderr, flush=True)
+    try:
+        subprocess.run(cmd, check=True, cwd=REPO)
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine() -> dict:
+    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def print_table(results: list[dict]) -> None:
+    """The compact Markdown table, then visual's detail and where the pipeline's time goes."""
+    print("| stage | encoder | N | pipeline s (load s) | pipeline utt/s | excl. load utt/s | bare utt/s "
+          "| ratio (excl. load) | target | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        p, b = r["pipeline"], r["bare"]
+        name = r["stage"] + (f" ({r['audio_config']})" if r.get("audio_config") else "")
+        if r["stage"] == "visual":
+            target = f"decode {100 * r['visual']['decode_share']:.0f}% <= 33%: {verdict(r['visual']['decode_share'] <= MAX_DECODE_SHARE)}"
+        else:
+            target = f">= {TARGET_RATIO}: {verdict(r['ratio_excluding_load'] >= TARGET_RATIO)}"
+        gpu = r["cuda_max_allocated_mb"]["pipeline"]
+        rss = f"{r['peak_rss_mb']['pipeline']:.0f}" + (f" (GPU {gpu:.0f})" if gpu is not None else "")
+        print(f"| {name} | {encoder_name(r)} | {r['utterances']} | {p['seconds']:.1f} ({p['load_seconds']:.1f}) "
+              f"| {p['utterances_per_second']:.1f} | {p['utterances_per_second_excluding_load']:.1f} "
+              f"| {b['utterances_per_second']:.1f} | {r['ratio']:.2f} ({r['ratio_excluding_load']:.2f}) | {target} | {rss} |")
+    for r in results:
+        if r["stage"] == "visual":
+            v, b = r["visual"], r["bare"]
+            print(f"\nvisual: {v['frames']} frames ({v['frames_tracked']} with a tracked face); pipeline decode "
+                  f"{v['decode_seconds']:.1f} s = {100 * v['decode_share']:.0f}% of the stage excluding load "
+                  f"({100 * v['decode_share_of_wall']:.0f}% of its wall time); detect {v['detect_frames_per_second']} "
+                  f"frames/s, embed {v['embed_frames_per_second']} frames/s (bare loop: detect "
+                  f"{b['detect_frames_per_second']:.1f}, embed {b['embed_frames_per_second']:.1f} frames/s)")
+    print("\nwhere the pipeline's wall time goes (exclusive seconds per call site):")
+    for r in results:
+        name = r["stage"] + (f" ({r['audio_config']})" if r.get("audio_config") else "")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["pipeline"]["breakdown"].items() if abs(v) >= 0.005)
+        print(f"- {name} ({r['pipeline']['seconds']:.2f} s): {parts}")
+
+
+def encoder_name(r: dict) -> str:
+    enc = r["encoder"]
+    if r["stage"] == "audio" and not enc.get("pretrained", True):
+        return f"random wav2vec2 ({r['audio_config']}: {enc.get('hidden_size')}-d)"
+    return str(enc.get("model")).replace("package:", "")
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    """Run each stage in its own process, print the table, write JSON when asked."""
+    start = time.perf_counter()
+    header = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_before": load_average(),
+              "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    results = []
+    for stage in args.stages:
+        n = args.visual_utterances if stage == "visual" and args.visual_utterances else args.utterances
+        for config in (args.audio_config if stage == "audio" else [None]):
+            results.append(run_child(args, stage, n, config))
+    header["load_average_after"] = load_average()
+    header["total_seconds"] = round(time.perf_counter() - start, 1)
+    m = header["machine"]
+    print(f"\n{header['date']}; {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"device {results[0]['device'] if results else '?'}{', ' + m['gpu'] if m.get('gpu') else ''}; load average "
+          f"{header['load_average_before']} before, {header['load_average_after']} after; {header['total_seconds']} s\n")
+    print_table(results)
+    if any(not r["encoder"].get("pretrained", True) for r in results):
+        print("\nnote: encoders marked random are RANDOMLY INITIALISED (no weights offline): the speed is that of "
+              "the architecture; the demo's tiny wav2vec2 is far cheaper than wav2vec2-base (--audio-config base).")
+    print("ratio = pipeline utt/s / bare-loop utt/s on the same utterances; the pipeline figure includes "
+          "decoding, the cache and writing the features, the bare loop only the model calls on pre-decoded "
+          "inputs. 'excl. load' subtracts the loader call timed inside the pipeline run; targets use it.")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**header, "stages": results}, indent=2, default=str) + "\n")
+        print(f"\nfigures written to {args.json}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--utterances", type=int, default=500, help="N utterances per stage (default 500)")
+    parser.add_argument("--visual-utterances", type=int, default=None, help="N for the visual stage only")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--audio-config", nargs="+", choices=("demo", "base"), default=["demo", "base"],
+                        help="audio encoder size: the params file's (demo) and/or a random wav2vec2-base (base)")
+    parser.add_argument("--repeat-dialogues", action=argparse.BooleanOptionalAction, default=True,
+                        help="repeat the dataset's dialogues (new ids, same files) to reach N (default on)")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed warm-up run on this many utterances (0: none)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--only", choices=STAGES, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.params = args.params.resolve()
+    if args.json:
+        args.json = args.json.resolve()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DGLBACKEND", "pytorch")
+    os.chdir(REPO)  # params paths (data.root, clips) are relative to the repository root
+    if args.only:
+        child_main(args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()
