@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"prepare", "extract_text", "extract_audio", "extract_visual", "build_graphs", "train", "evaluate"}
+STAGES = {"prepare", "extract_text", "extract_audio", "extract_visual", "build_graphs", "train", "evaluate", "predict"}
 IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "prepared",
-                                "features", "graphs", "predictions", "models", "tmp", "cache")
+                                "features", "graphs", "predictions", "models", "tmp", "cache", "interim")
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_second_repro_does_nothing(project: Path):
 
 def test_exp_run_lr_reruns_only_train_and_evaluate(project: Path):
     output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-4"], project)
-    assert _stages_run(output) == {"train", "evaluate"}
+    assert _stages_run(output) == {"train", "evaluate", "predict"}
     train_metrics = json.loads((project / "metrics/train/metrics.json").read_text())
     # the optimizer's learning rate after warm-up, as logged by the training loop
     assert train_metrics["lr"] == pytest.approx(1e-4, rel=1e-9)
@@ -106,14 +106,14 @@ def test_exp_run_lr_reruns_only_train_and_evaluate(project: Path):
 
 def test_text_params_rerun_text_branch_only(project: Path):
     output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "text.pooling=cls"], project)
-    assert _stages_run(output) == {"extract_text", "train", "evaluate"}
+    assert _stages_run(output) == {"extract_text", "train", "evaluate", "predict"}
 
 
 def test_ablation_experiments_show_side_by_side(project: Path):
     for override in ("model.graph=none", "model.fusion=concat"):
         _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)  # each ablation from the defaults
         output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", override], project)
-        assert {"train", "evaluate"} <= _stages_run(output) <= {"extract_text", "train", "evaluate"}
+        assert {"train", "evaluate", "predict"} <= _stages_run(output) <= {"extract_text", "train", "evaluate", "predict"}
     table = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, stdout_only=True))
     seen = set()
     for commit in table:
@@ -160,7 +160,7 @@ def test_regression_check_fails_on_a_broken_pipeline(project: Path):
     source.write_text(code.replace(anchor, anchor + "        table.features = table.features[torch.randperm("
                                    "len(table.features), generator=torch.Generator().manual_seed(0))]\n"))
     output = _run([sys.executable, "-m", "dvc", "repro"], project)
-    assert _stages_run(output) == {"extract_text", "train", "evaluate"}
+    assert _stages_run(output) == {"extract_text", "train", "evaluate", "predict"}
     result = subprocess.run([sys.executable, "-m", "pipeline.regression", "--rev", "HEAD"], cwd=project,
                             env=_env(), capture_output=True, text=True)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -1,0 +1,188 @@
+"""predict: new clips (+ transcript, or ASR) + a trained checkpoint -> per-utterance predictions.
+
+A small checkpoint is trained once in-process on the demo (3 epochs, 2 frames per clip); the tests
+run ``pipeline.predict.main`` on the bundled ``data/raw/predict`` conversations (one clip corrupt), on
+clips without a transcript (a tiny random wav2vec2-CTC model built here stands in for Whisper), and on
+the real videos of ``../shared`` with a hand-written transcript.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import predict
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_AUDIO = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "conv_dim": [8] * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, demo_root: Path) -> Path:
+    """A directory with params.yaml and models/model.pt trained on the demo (cwd during the tests)."""
+    from pipeline import build_graphs, extract_audio, extract_text, extract_visual, prepare, train
+    from pipeline.config import load_params
+
+    root = tmp_path_factory.mktemp("predict_run")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["root"] = str(demo_root)
+    raw["visual"].update(max_frames=2, fps=1.0)
+    raw["train"]["epochs"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = load_params("params.yaml")
+        for stage in (prepare, extract_text, extract_audio, extract_visual, build_graphs, train):
+            stage.run(params)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def rows_by_id(path: Path) -> dict[str, dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {r["utterance_id"]: r for r in csv.DictReader(f)}
+
+
+def test_predict_with_transcript_reports_the_corrupt_clip(run_dir: Path, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    clips = REPO / "data/raw/predict"
+    code = predict.main(["--clips", str(clips / "clips"), "--transcript", str(clips / "transcript.csv"),
+                         "--out", "out", "--work", "work"])
+    assert code == 0, capsys.readouterr().err
+    rows = rows_by_id(run_dir / "out/predictions.csv")
+    assert len(rows) == 13 and list(rows)[:3] == ["conv0_utt0", "conv0_utt1", "conv0_utt2"]
+    broken = rows["conv1_utt1"]  # truncated to 30 %: audio and video lost, predicted from its text
+    assert (broken["text_present"], broken["audio_present"], broken["visual_present"]) == ("1", "0", "0")
+    assert rows["conv1_utt2"]["visual_present"] == "0"  # the demo's no-face clip
+    assert all(r["text_source"] == "transcript" for r in rows.values())
+    emotions = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+    for r in rows.values():
+        probs = [float(r[f"p_emotion_{c}"]) for c in emotions]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-3)
+        assert r["emotion"] == emotions[probs.index(max(probs))]
+        assert float(r["emotion_prob"]) == pytest.approx(max(probs), abs=1e-4)
+    result = json.loads((run_dir / "out/predictions.json").read_text())
+    by_id = {r["utterance_id"]: r for r in result["rows"]}
+    assert by_id["conv1_utt1"]["missing"] == {"audio": "no_audio", "visual": "decode_error"}
+    assert by_id["conv1_utt1"]["modalities"] == ["text"]
+    assert result["skipped"] == [] and result["text_source"] == "transcript"
+    assert result["encoders"]["text"]["pretrained"] is True and result["encoders"]["audio"]["pretrained"] is False
+
+
+def test_predict_refuses_other_feature_settings(run_dir: Path, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    raw = yaml.safe_load((run_dir / "params.yaml").read_text())
+    raw["text"]["pooling"] = "cls"
+    raw["text"]["batch_size"] = 3  # runtime only: not a difference
+    Path("other.yaml").write_text(yaml.safe_dump(raw))
+    clips = REPO / "data/raw/predict"
+    code = predict.main(["--clips", str(clips / "clips"), "--transcript", str(clips / "transcript.csv"),
+                         "--params", "other.yaml", "--out", "refused", "--work", "work"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: models/model.pt was trained on features made with other settings")
+    assert "text.pooling: checkpoint 'mean', params 'cls'" in err and "batch_size" not in err
+    assert not Path("refused").exists()
+    # A checkpoint that does not record its feature settings is refused too.
+    checkpoint = torch.load("models/model.pt", weights_only=True)
+    del checkpoint["feature_params"]
+    torch.save(checkpoint, "old.pt")
+    assert predict.main(["--clips", str(clips / "clips"), "--checkpoint", "old.pt",
+                         "--transcript", str(clips / "transcript.csv"), "--out", "refused"]) == 1
+    assert "does not record its feature settings" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_asr(tmp_path_factory) -> Path:
+    """A randomly initialised wav2vec2-CTC model with a letter vocabulary, saved as a HF directory."""
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                              Wav2Vec2Processor)
+
+    path = tmp_path_factory.mktemp("tiny_asr")
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                                     word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(Wav2Vec2Config(**TINY_AUDIO, vocab_size=len(vocab), pad_token_id=0)).save_pretrained(path)
+    return path
+
+
+def test_predict_without_transcript_uses_asr(run_dir: Path, tiny_asr: Path, demo_root: Path, monkeypatch, capsys):
+    from transformers import pipeline
+
+    from pipeline.media import load_audio
+
+    monkeypatch.chdir(run_dir)
+    clips = run_dir / "asr_clips"
+    clips.mkdir()
+    for u in range(3):
+        shutil.copy(demo_root / "output_repeated_splits_test" / f"dia2_utt{u}.mp4", clips / f"dia2_utt{u}.mp4")
+    (clips / "dia2_utt3.mp4").write_bytes(b"")  # corrupt: nothing to transcribe, no audio, no video
+    code = predict.main(["--clips", str(clips), "--out", "asr_out", "--work", "asr_work", "--asr-model", str(tiny_asr)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((run_dir / "asr_out/predictions.json").read_text())
+    assert result["text_source"] == f"asr ({tiny_asr})"
+    assert result["not_transcribed"] == {"dia2_utt3": "decode_error"}
+    assert result["skipped"] == [{"utterance_id": "dia2_utt3", "reasons": {
+        "text": "empty_text", "audio": "decode_error", "visual": "decode_error"}}]
+    rows = result["rows"]
+    assert [r["utterance_id"] for r in rows] == ["dia2_utt0", "dia2_utt1", "dia2_utt2"]
+    assert {r["dialogue_id"] for r in rows} == {"./dia2"} and [r["utterance_index"] for r in rows] == [0, 1, 2]
+    assert all(r["text_source"] == "asr" and r["speaker"] == "unknown" for r in rows)
+    # the text in the output is what the ASR model hears in that clip
+    asr = pipeline("automatic-speech-recognition", model=str(tiny_asr))
+    heard = asr({"raw": load_audio(clips / "dia2_utt1.mp4").numpy(), "sampling_rate": 16000})["text"]
+    assert rows[1]["text"] == " ".join(heard.split())
+
+
+def test_discover_clips_orders_dialogues(tmp_path: Path):
+    for name in ("b/dia3_utt10.mp4", "b/dia3_utt2.mp4", "b/dia1_utt0.wav", "a/zeta.mp4", "a/alpha.mp4", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = predict.discover_clips(tmp_path)
+    assert [(u.utterance_id, u.dialogue_id, u.utterance_index) for u in found] == [
+        ("a/alpha", "a", 0), ("a/zeta", "a", 1),
+        ("b/dia1_utt0", "b/dia1", 0), ("b/dia3_utt2", "b/dia3", 2), ("b/dia3_utt10", "b/dia3", 10)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(predict.DatasetError, match="no media files"):
+        predict.discover_clips(tmp_path / "empty")
+
+
+def test_predict_on_real_videos_with_a_handwritten_transcript(run_dir: Path, shared_dir: Path, monkeypatch, capsys):
+    videos = shared_dir / "media" / "videos"
+    if not (videos / "WolfgangLanger_Pexels.mp4").is_file():
+        pytest.skip(f"{videos} lacks the Pexels clip")
+    monkeypatch.chdir(run_dir)
+    transcript = run_dir / "real_transcript.csv"
+    with open(transcript, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["dialogue_id", "utterance_id", "speaker", "text", "media", "start", "end"])
+        pexels = (videos / "WolfgangLanger_Pexels.mp4").as_posix()
+        w.writerow(["pexels", "pexels_0", "Actress", "I can't believe you did this to me.", pexels, 0.0, 6.5])
+        w.writerow(["pexels", "pexels_1", "Actress", "Why would you say that?", pexels, 6.5, 13.0])
+        w.writerow(["pexels", "pexels_2", "Actress", "Fine. I'm leaving.", pexels, 13.0, 19.5])
+        w.writerow(["other", "single", "A", "Hello, nice to see you.", (videos / "single_face.mp4").as_posix(), "", ""])
+        w.writerow(["other", "empty_room", "B", "Is anyone there?", (videos / "no_face.mp4").as_posix(), "", ""])
+    code = predict.main(["--clips", str(videos), "--transcript", str(transcript), "--out", "real_out",
+                         "--work", "real_work"])
+    assert code == 0, capsys.readouterr().err
+    rows = rows_by_id(run_dir / "real_out/predictions.csv")
+    assert list(rows) == ["pexels_0", "pexels_1", "pexels_2", "single", "empty_room"]
+    assert all(rows[u]["visual_present"] == "1" for u in ("pexels_0", "pexels_1", "pexels_2", "single"))
+    assert rows["empty_room"]["visual_present"] == "0"
+    report = json.loads((run_dir / "real_work/features/visual_report.json").read_text())
+    assert report["masked"] == {"no_face": ["empty_room"]}
+    assert report["per_clip"]["pexels_0"]["frames"] == 2  # max_frames over the 6.5 s segment
