@@ -5,10 +5,13 @@ For every stage (text, audio, visual) a child process of this script
 1. warms up (the stage on a few utterances, untimed: imports, thread pools, kernel caches);
 2. runs the stage's own ``extract(...)`` on N utterances into a temporary features folder and a
    FRESH temporary cache root (nothing is resumed), timed wall-clock; the loader call inside it is
-   timed too (``load`` below), so throughput is given with and without the one-off model load;
+   timed too (``load`` below), so throughput is given with and without the one-off model load, and
+   so are the stage's decoding, model, cache and output calls (where the time goes);
 3. loads the same model once more through the same :mod:`pipeline.encoders` loader (untimed),
    pre-decodes the inputs (untimed) and times a bare loop that only calls the model on them one
-   batch at a time, with the stage's batch size, under ``torch.inference_mode()``.
+   batch at a time, with the stage's batch size, under ``torch.inference_mode()``;
+4. with ``--rounds R``, alternates 2 and 3 R times and keeps the best of each (less noise when
+   other work shares the CPU).
 
 ratio = pipeline utt/s / bare utt/s over the same N utterances (= bare seconds / pipeline seconds).
 Targets (issue): text and audio ratio >= 0.8 (the audio pipeline decodes and resamples, the bare loop
@@ -228,8 +231,11 @@ def run_pipeline(stage: str, utterances: list[Utterance], params: Params, measur
 # bare model loops: load (untimed), pre-decode (untimed), then time only the model calls
 
 
-def bare_text(utterances: list[Utterance], params: Params, device: torch.device) -> dict:
-    """Tokenizer + forward in length-sorted batches of ``text.batch_size`` (the utterance text only)."""
+def bare_text(utterances: list[Utterance], params: Params, device: torch.device):
+    """Tokenizer + forward in length-sorted batches of ``text.batch_size`` (the utterance text only).
+
+    Returns the timed loop (a function returning its figures); loading and input preparation happen here.
+    """
     from pipeline.encoders import load_text_encoder
 
     settings = params.text
@@ -237,19 +243,22 @@ def bare_text(utterances: list[Utterance], params: Params, device: torch.device)
     texts = sorted((u.text for u in utterances if u.text.strip()), key=len)
     max_length = min(settings.max_length, tokenizer.model_max_length)
     dtype = autocast_dtype(settings.cuda_dtype, device)
-    reset_cuda_peak(device)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for s in range(0, len(texts), settings.batch_size):
-            batch = tokenizer(texts[s:s + settings.batch_size], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt").to(device)
-            model(**batch).last_hidden_state.mean(1).float().cpu()
-    sync(device)
-    return {"seconds": time.perf_counter() - t0, "inputs": len(texts), "batches": -(-len(texts) // settings.batch_size)}
+
+    def timed() -> dict:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for s in range(0, len(texts), settings.batch_size):
+                batch = tokenizer(texts[s:s + settings.batch_size], padding=True, truncation=True,
+                                  max_length=max_length, return_tensors="pt").to(device)
+                model(**batch).last_hidden_state.mean(1).float().cpu()
+        sync(device)
+        return {"seconds": time.perf_counter() - t0, "inputs": len(texts),
+                "batches": -(-len(texts) // settings.batch_size)}
+    return timed
 
 
-def bare_audio(utterances: list[Utterance], params: Params, device: torch.device) -> dict:
+def bare_audio(utterances: list[Utterance], params: Params, device: torch.device):
     """Feature extractor + forward on pre-decoded 16 kHz arrays, batched like the pipeline.
 
     The pipeline's rule: batch 1 for group-norm feature encoders (wav2vec2-base and the demo's), else
@@ -267,21 +276,23 @@ def bare_audio(utterances: list[Utterance], params: Params, device: torch.device
     waves = [w for u in utterances if u.audio_source and (w := decode(u)) is not None and w.numel() >= min_samples]
     chunks = [c.numpy() for w in waves for c in w.split(chunk)]
     dtype = autocast_dtype(settings.cuda_dtype, device)
-    reset_cuda_peak(device)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for s in range(0, len(chunks), batch_size):
-            inputs = extractor(chunks[s:s + batch_size], sampling_rate=settings.sample_rate, padding=True,
-                               return_attention_mask=True, return_tensors="pt")
-            model(inputs["input_values"].to(device), attention_mask=inputs["attention_mask"].to(device)
-                  ).last_hidden_state.mean(1).float().cpu()
-    sync(device)
-    return {"seconds": time.perf_counter() - t0, "inputs": len(waves), "batches": -(-len(chunks) // batch_size),
-            "audio_seconds": round(sum(w.numel() for w in waves) / settings.sample_rate, 1)}
+
+    def timed() -> dict:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for s in range(0, len(chunks), batch_size):
+                inputs = extractor(chunks[s:s + batch_size], sampling_rate=settings.sample_rate, padding=True,
+                                   return_attention_mask=True, return_tensors="pt")
+                model(inputs["input_values"].to(device), attention_mask=inputs["attention_mask"].to(device)
+                      ).last_hidden_state.mean(1).float().cpu()
+        sync(device)
+        return {"seconds": time.perf_counter() - t0, "inputs": len(waves), "batches": -(-len(chunks) // batch_size),
+                "audio_seconds": round(sum(w.numel() for w in waves) / settings.sample_rate, 1)}
+    return timed
 
 
-def bare_visual(utterances: list[Utterance], params: Params, device: torch.device) -> dict:
+def bare_visual(utterances: list[Utterance], params: Params, device: torch.device):
     """MTCNN detect + extract + InceptionResnetV1 on pre-decoded frames, per clip as the pipeline batches.
 
     Per clip: detection on batches of ``visual.batch_frames`` frames, the first (largest) face at or
@@ -295,35 +306,42 @@ def bare_visual(utterances: list[Utterance], params: Params, device: torch.devic
                           lambda u: sample_frames(u.clip, settings.fps, settings.max_frames, u.start, u.end))
     clips = [f for u in utterances if u.clip and (f := decode(u)) is not None]
     step = settings.batch_frames
-    detect_s = embed_s = 0.0
-    frames = tracked = 0
-    reset_cuda_peak(device)
-    with torch.inference_mode():
-        for clip in clips:
-            t0 = time.perf_counter()
-            keep_frames, keep_boxes = [], []
-            for s in range(0, len(clip), step):
-                boxes, probs = mtcnn.detect(clip[s:s + step])
-                for frame, b, p in zip(clip[s:s + step], boxes, probs):
-                    good = [k for k in range(len(p)) if p[k] is not None and p[k] >= settings.min_face_prob]
-                    if b is not None and good:
-                        keep_frames.append(frame)
-                        keep_boxes.append(b[good[:1]])
-            crops = mtcnn.extract(keep_frames, keep_boxes, None) if keep_frames else []
-            t1 = time.perf_counter()
-            if keep_frames:
-                crops = torch.cat(list(crops))
-                for s in range(0, len(crops), step):
-                    embedder(crops[s:s + step].to(device)).float().cpu()
-            sync(device)
-            detect_s += t1 - t0
-            embed_s += time.perf_counter() - t1
-            frames += len(clip)
-            tracked += len(keep_frames)
-    return {"seconds": detect_s + embed_s, "inputs": len(clips), "frames": frames, "frames_tracked": tracked,
-            "detect_seconds": detect_s, "embed_seconds": embed_s,
-            "detect_frames_per_second": frames / detect_s if detect_s else None,
-            "embed_frames_per_second": tracked / embed_s if embed_s else None}
+
+    def clip_faces(clip: list) -> tuple[list, list]:
+        """Detection in batches of ``step`` frames; per frame the first (largest) confident box."""
+        keep_frames, keep_boxes = [], []
+        for s in range(0, len(clip), step):
+            boxes, probs = mtcnn.detect(clip[s:s + step])
+            for frame, b, p in zip(clip[s:s + step], boxes, probs):
+                good = [k for k in range(len(p)) if p[k] is not None and p[k] >= settings.min_face_prob]
+                if b is not None and good:
+                    keep_frames.append(frame)
+                    keep_boxes.append(b[good[:1]])
+        return keep_frames, keep_boxes
+
+    def timed() -> dict:
+        detect_s = embed_s = 0.0
+        frames = tracked = 0
+        with torch.inference_mode():
+            for clip in clips:
+                t0 = time.perf_counter()
+                keep_frames, keep_boxes = clip_faces(clip)
+                crops = mtcnn.extract(keep_frames, keep_boxes, None) if keep_frames else []
+                t1 = time.perf_counter()
+                if keep_frames:
+                    crops = torch.cat(list(crops))
+                    for s in range(0, len(crops), step):
+                        embedder(crops[s:s + step].to(device)).float().cpu()
+                sync(device)
+                detect_s += t1 - t0
+                embed_s += time.perf_counter() - t1
+                frames += len(clip)
+                tracked += len(keep_frames)
+        return {"seconds": detect_s + embed_s, "inputs": len(clips), "frames": frames, "frames_tracked": tracked,
+                "detect_seconds": detect_s, "embed_seconds": embed_s,
+                "detect_frames_per_second": frames / detect_s if detect_s else None,
+                "embed_frames_per_second": tracked / embed_s if embed_s else None}
+    return timed
 
 
 BARE = {"text": bare_text, "audio": bare_audio, "visual": bare_visual}
@@ -342,31 +360,52 @@ def cuda_peak_mb(device: torch.device) -> float | None:
 # one stage (child process)
 
 
-def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int) -> dict:
-    """Warm-up, the timed pipeline run, then the timed bare loop; figures for one stage."""
+def best(runs: list[dict]) -> dict:
+    """The fastest of several timed runs (the least disturbed by other work on the machine)."""
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int, rounds: int) -> dict:
+    """Warm-up, then ``rounds`` x (timed pipeline run, timed bare loop), alternating; figures for one stage.
+
+    The figures are the best round of each side; every round's seconds are kept in ``seconds_rounds``.
+    Each round's bare loop gets a freshly loaded model (untimed), as each pipeline run loads its own.
+    Peak RSS ``pipeline`` is read after the first pipeline run, before the bare loop loads its model.
+    """
     device = default_device()
     utterances = demo_utterances(params, n, repeat)
     rss_start = peak_rss_mb()
     if warmup:
         run_pipeline(stage, utterances[:warmup], params, measure=False)
     reset_cuda_peak(device)
-    pipe = run_pipeline(stage, utterances, params, measure=True)
+    pipe_runs, bare_runs = [run_pipeline(stage, utterances, params, measure=True)], []
     pipe_cuda = cuda_peak_mb(device)
     rss_pipeline = peak_rss_mb()
-    bare = BARE[stage](utterances, params, device)
+    reset_cuda_peak(device)
+    for r in range(rounds):
+        if r:
+            pipe_runs.append(run_pipeline(stage, utterances, params, measure=True))
+        # a fresh model each round, as each pipeline run loads its own: the first passes through a new
+        # instance are slower, and the bare loop must not gain from a model warmed by earlier rounds
+        bare_loop = BARE[stage](utterances, params, device)  # load + pre-decode, untimed
+        bare_runs.append(bare_loop())
+        del bare_loop
+    bare_cuda = cuda_peak_mb(device)
+    pipe, bare = dict(best(pipe_runs)), dict(best(bare_runs))
     n = len(utterances)
     rate = n / pipe["seconds"]
     rate_no_load = n / (pipe["seconds"] - pipe["load_seconds"])
     bare_rate = n / bare["seconds"]
     report = pipe.pop("report")
     out = {
-        "stage": stage, "device": str(device), "utterances": n, "encoder": report["encoder"],
+        "stage": stage, "device": str(device), "utterances": n, "rounds": rounds, "encoder": report["encoder"],
         "pipeline": {**pipe, "utterances_per_second": rate, "utterances_per_second_excluding_load": rate_no_load,
-                     "reasons": report["reasons"]},
-        "bare": {**bare, "utterances_per_second": bare_rate},
+                     "reasons": report["reasons"], "seconds_rounds": [round(x["seconds"], 3) for x in pipe_runs]},
+        "bare": {**bare, "utterances_per_second": bare_rate,
+                 "seconds_rounds": [round(x["seconds"], 3) for x in bare_runs]},
         "ratio": rate / bare_rate, "ratio_excluding_load": rate_no_load / bare_rate,
         "peak_rss_mb": {"after_imports": rss_start, "pipeline": rss_pipeline, "with_bare_loop": peak_rss_mb()},
-        "cuda_max_allocated_mb": {"pipeline": pipe_cuda, "bare": cuda_peak_mb(device)},
+        "cuda_max_allocated_mb": {"pipeline": pipe_cuda, "bare": bare_cuda},
     }
     if stage == "visual":
         work = pipe["seconds"] - pipe["load_seconds"]
@@ -386,7 +425,7 @@ def child_main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     if args.only == "audio":
         params = with_audio_config(params, args.audio_config[0])
-    result = measure_stage(args.only, params, args.utterances, args.repeat_dialogues, args.warmup)
+    result = measure_stage(args.only, params, args.utterances, args.repeat_dialogues, args.warmup, args.rounds)
     result["audio_config"] = args.audio_config[0] if args.only == "audio" else None
     Path(args.child_out).write_text(json.dumps(result, indent=2, default=str))
 
@@ -400,7 +439,8 @@ def run_child(args: argparse.Namespace, stage: str, n: int, audio_config: str | 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", stage, "--params", str(args.params),
-           "--utterances", str(n), "--warmup", str(args.warmup), "--child-out", str(out),
+           "--utterances", str(n), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+           "--child-out", str(out),
            "--repeat-dialogues" if args.repeat_dialogues else "--no-repeat-dialogues"]
     if audio_config:
         cmd += ["--audio-config", audio_config]
@@ -511,6 +551,8 @@ def main() -> None:
     parser.add_argument("--repeat-dialogues", action=argparse.BooleanOptionalAction, default=True,
                         help="repeat the dataset's dialogues (new ids, same files) to reach N (default on)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed warm-up run on this many utterances (0: none)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate pipeline and bare loop this many times; report the best of each (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--only", choices=STAGES, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--child-out", help=argparse.SUPPRESS)

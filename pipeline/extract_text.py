@@ -74,8 +74,9 @@ def encoder_inputs(utterances: list[Utterance], context_window: int) -> list[tup
     out: list[tuple[str, str | None]] = [("", None)] * len(utterances)
     for rows in by_dialogue.values():
         for pos, i in enumerate(rows):
-            near = rows[max(0, pos - context_window):pos] + rows[pos + 1:pos + 1 + context_window]
-            context = " | ".join(f"{utterances[j].speaker}: {utterances[j].text}" for j in near if utterances[j].text)
+            past = [j for j in rows[:pos] if utterances[j].text][-context_window:]
+            future = [j for j in rows[pos + 1:] if utterances[j].text][:context_window]
+            context = " | ".join(f"{utterances[j].speaker}: {utterances[j].text}" for j in past + future)
             out[i] = (f"{utterances[i].speaker}: {utterances[i].text}", context or None)
     return out
 
@@ -101,8 +102,10 @@ def encode_texts(inputs: list[tuple[str, str | None]], tokenizer, model: torch.n
             idx = order[start:start + settings.batch_size]
             texts = [inputs[i][0] for i in idx]
             contexts = [inputs[i][1] for i in idx]
-            if any(c is not None for c in contexts):
-                batch = tokenizer(texts, [c or "" for c in contexts], padding=True, truncation="only_second",
+            if settings.context_window > 0:  # always pairs (an empty context for a lone utterance), so that
+                # an utterance's input never depends on its batch neighbours; longest_first truncates the
+                # context first and never fails on an utterance longer than max_length
+                batch = tokenizer(texts, [c or "" for c in contexts], padding=True, truncation="longest_first",
                                   max_length=max_length, return_tensors="pt")
                 # pool over the utterance's own tokens: sequence 0 (the context is sequence 1)
                 token_mask = torch.tensor([[s == 0 for s in batch.sequence_ids(b)] for b in range(len(idx))])

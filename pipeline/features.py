@@ -161,6 +161,10 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 FEATURES_DIR = Path("data/features")
 CACHE_DIR = Path("data/interim/cache")
+# Stage settings that change how fast features are made, not what they are (up to float rounding):
+# left out of the resume-cache key (lowering a batch size after a CUDA out-of-memory error keeps the
+# cache) and of predict's comparison with a checkpoint.
+RUNTIME_ONLY = frozenset({"batch_size", "cuda_dtype", "batch_frames"})
 
 
 def feature_path(modality: str, features_dir: Path = FEATURES_DIR) -> Path:
@@ -184,7 +188,7 @@ class ExtractionCache:
     """Resumable per-utterance results of one extraction stage (utterance id + stage settings as key).
 
     Layout: ``<root>/<modality>/<key>/shard-<n>.safetensors`` where ``key`` hashes the stage's
-    settings (its params section and output size). Each shard holds ``features`` ``[n, D]`` float32,
+    settings (its params section without :data:`RUNTIME_ONLY` keys, and the output size). Each shard holds ``features`` ``[n, D]`` float32,
     ``reason`` ``[n]`` uint8 and, in its metadata, the utterance ids, their input signatures (text,
     or media path/size/mtime and segment) and per-utterance diagnostics. A result counts as done only
     when both the id and the signature match, so an edited transcript or a replaced clip is redone.
@@ -199,6 +203,7 @@ class ExtractionCache:
         import hashlib
         import time
 
+        settings = {k: v for k, v in settings.items() if k not in RUNTIME_ONLY}
         blob = json.dumps({"settings": settings, "dim": dim}, sort_keys=True, default=str)
         self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         self.dir = Path(root) / modality / self.key

@@ -53,7 +53,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
                 raise MediaError("decode_error", path, "the audio stream has no decodable codec")
             rate = stream.codec_context.sample_rate
             if start and stream.time_base is not None:
-                container.seek(int(start / stream.time_base), stream=stream, backward=True)
+                # 0.1 s early: AAC needs the previous frame (pre-roll) to decode the first one right;
+                # the extra samples are trimmed below
+                container.seek(int(max(0.0, start - 0.1) / stream.time_base), stream=stream, backward=True)
             # Convert to planar float at the native rate and layout (libswresample), then average the
             # channels here: ffmpeg's own down-mix scales by 1/sqrt(2) and can leave [-1, 1].
             to_float = av.AudioResampler(format="fltp", rate=rate)

@@ -43,15 +43,13 @@ import torch
 from pipeline.config import DEFAULT_PARAMS, Params, ParamsError, load_params
 from pipeline.datasets import DatasetError, Utterance, read_manifest
 from pipeline.encoders import default_device, resolve_model_path
-from pipeline.features import CACHE_DIR, atomic_path, feature_path, load_table, write_json
+from pipeline.features import CACHE_DIR, RUNTIME_ONLY, atomic_path, feature_path, load_table, write_json
 from pipeline.media import MediaError, load_audio
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("text", "audio", "visual")
 MEDIA_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".wav", ".flac", ".mp3", ".m4a", ".ogg"}
-# Settings that change how fast features are made, not what they are: not compared with the checkpoint.
-RUNTIME_ONLY = {"batch_size", "cuda_dtype", "batch_frames"}
 DEFAULT_ASR = "openai/whisper-small"
 MELD_NAME = re.compile(r"^dia(\d+)_utt(\d+)$")
 
