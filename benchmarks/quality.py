@@ -60,7 +60,7 @@ def prepare_features(raw: dict, work: Path) -> None:
     params = parse_params(raw)
     steps = [("data/prepared/utterances.csv", prepare.run), ("data/features/text.safetensors", extract_text.run),
              ("data/features/audio.safetensors", extract_audio.run),
-             ("data/features/visual.safetensors", extract_visual.run), ("data/graphs/graphs.bin", build_graphs.run)]
+             ("data/features/visual.safetensors", extract_visual.run), ("data/graphs/graphs.safetensors", build_graphs.run)]
     for output, stage in steps:
         if not Path(output).exists():
             start = time.perf_counter()

@@ -12,9 +12,12 @@ window_future`` (itself included, as a self loop), as in DialogueGCN's windowed 
 * ``same_other`` (speaker-count free): 0 self loop, 1 same speaker & past, 2 same speaker & future,
   3 other speaker & past, 4 other speaker & future: 5 relations.
 
-Output: ``data/graphs/graphs.bin`` (``dgl.save_graphs``, one graph per dialogue, node ``k`` is the
-dialogue's ``k``-th utterance) and ``data/graphs/index.json`` (dialogue ids in graph order, relation
-count). Run: ``python -m pipeline.build_graphs [--params params.yaml]``.
+Output: ``data/graphs/graphs.safetensors`` (the edge lists of all dialogues, concatenated: ``src``,
+``dst``, ``rel_type`` ``[E]`` and ``speaker`` ``[N]`` int64, with ``edge_offsets`` / ``node_offsets``
+``[D + 1]``; node ``k`` of a dialogue is its ``k``-th utterance) and ``data/graphs/index.json`` (dialogue
+ids in graph order, relation count). Not ``dgl.save_graphs``: its files differ byte-wise between runs
+for identical graphs, which gave ``data/graphs`` a new DVC hash on every build and broke
+``dvc checkout`` in fresh clones; this file is byte-identical run to run. Run: ``python -m pipeline.build_graphs [--params params.yaml]``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pipeline.prepare import load_utterances
 log = logging.getLogger(__name__)
 
 GRAPHS_DIR = Path("data/graphs")
-GRAPHS = GRAPHS_DIR / "graphs.bin"
+GRAPHS = GRAPHS_DIR / "graphs.safetensors"
 INDEX = GRAPHS_DIR / "index.json"
 
 
@@ -93,9 +96,19 @@ def load_graphs(graphs_path: Path = GRAPHS, index_path: Path = INDEX) -> tuple[d
     """
     if not Path(graphs_path).exists() or not Path(index_path).exists():
         raise FileNotFoundError(f"{graphs_path}: dialogue graphs not found; run `dvc repro build_graphs`")
+    from safetensors.torch import load_file
+
     index = json.loads(Path(index_path).read_text())
-    graphs, _ = dgl.load_graphs(str(graphs_path))
-    return dict(zip(index["dialogues"], graphs)), index["num_relations"]
+    t = load_file(str(graphs_path))
+    graphs = {}
+    for d, dialogue_id in enumerate(index["dialogues"]):
+        e0, e1 = int(t["edge_offsets"][d]), int(t["edge_offsets"][d + 1])
+        n0, n1 = int(t["node_offsets"][d]), int(t["node_offsets"][d + 1])
+        g = dgl.graph((t["src"][e0:e1], t["dst"][e0:e1]), num_nodes=n1 - n0)
+        g.edata["rel_type"] = t["rel_type"][e0:e1]
+        g.ndata["speaker"] = t["speaker"][n0:n1]
+        graphs[dialogue_id] = g
+    return graphs, index["num_relations"]
 
 
 def run(params: Params) -> None:
@@ -110,8 +123,18 @@ def run(params: Params) -> None:
             graphs.append(build_dialogue_graph(speakers, params.graph))
         except ValueError as err:
             raise ValueError(f"dialogue {dialogue_id}: {err}") from None
+    from safetensors.torch import save_file
+
+    edges = [g.edges() for g in graphs]
+    tensors = {
+        "src": torch.cat([src for src, _ in edges]), "dst": torch.cat([dst for _, dst in edges]),
+        "rel_type": torch.cat([g.edata["rel_type"] for g in graphs]),
+        "speaker": torch.cat([g.ndata["speaker"] for g in graphs]),
+        "edge_offsets": torch.tensor([0] + [g.num_edges() for g in graphs]).cumsum(0),
+        "node_offsets": torch.tensor([0] + [g.num_nodes() for g in graphs]).cumsum(0),
+    }
     with atomic_path(GRAPHS) as tmp:
-        dgl.save_graphs(str(tmp), graphs)
+        save_file({k: v.to(torch.int64).contiguous() for k, v in tensors.items()}, str(tmp))
     write_json({"dialogues": list(dialogues), "num_relations": num_relations(params.graph),
                 "relations": params.graph.relations, "edges": int(sum(g.num_edges() for g in graphs))}, INDEX)
     log.info("build_graphs: %d dialogues, %d edges, %d relation types (%s) -> %s", len(graphs),

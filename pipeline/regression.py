@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     diff = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", args.rev, "--md"],
                           capture_output=True, text=True).stdout
+    if len([line for line in diff.splitlines() if line.startswith("|")]) <= 2:  # a header-only table
+        diff = ""
     if problems:
         print(f"REGRESSION against {args.rev} (tolerance {args.tolerance}):\n  " + "\n  ".join(problems))
         print(f"\n`dvc metrics diff {args.rev}`:\n{diff or '(no differences)'}")

@@ -125,6 +125,10 @@ def test_stage_run_and_load_graphs_round_trip(stage_dir: Path):
     # The graphs batch for message passing (what train does).
     batch = dgl.batch(list(graphs.values()))
     assert batch.num_nodes() == 8 and batch.num_edges() == 21
+    # byte-identical when rebuilt: DVC hashes (and `dvc checkout` in a fresh clone) depend on it
+    first = Path("data/graphs/graphs.safetensors").read_bytes()
+    run(params)
+    assert Path("data/graphs/graphs.safetensors").read_bytes() == first
 
 
 def test_stage_run_names_the_dialogue_with_too_many_speakers(stage_dir: Path):
@@ -132,7 +136,7 @@ def test_stage_run_names_the_dialogue_with_too_many_speakers(stage_dir: Path):
                       ("dev/dia7_utt2", "c", "C", "")])
     with pytest.raises(ValueError, match="dialogue dev/7: .*max_speakers=2"):
         run(parse_params({"graph": {"relations": "speaker_pair", "max_speakers": 2}}))
-    assert not Path("data/graphs/graphs.bin").exists()
+    assert not Path("data/graphs/graphs.safetensors").exists()
 
 
 def test_load_graphs_before_the_stage_ran(stage_dir: Path):
