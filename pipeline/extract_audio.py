@@ -109,7 +109,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
         batch_size = 1 if getattr(model.config, "feat_extract_norm", "layer") == "group" else settings.batch_size
     chunk_samples = int(settings.chunk_seconds * settings.sample_rate)
     pending: list[tuple[int, str, list[torch.Tensor]]] = []  # (row, signature, chunks)
-    resumed, seconds = 0, 0.0
+    seconds = 0.0
 
     def flush(cache: ExtractionCache) -> None:
         chunks = [c for _, _, cs in pending for c in cs]
@@ -129,11 +129,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
     with ExtractionCache("audio", settings.model_dump(), info["hidden_size"], cache_root) as cache:
         for i, utt in enumerate(tqdm(utterances, desc="extract_audio", unit="utt")):
             signature = cache.signature([file_signature(utt.audio_source), utt.start, utt.end])
-            if cache.is_done(utt.utterance_id, signature):
-                resumed += 1
-                continue
-            if not utt.audio_source:
-                cache.put(utt.utterance_id, signature, None, "missing_clip")
+            if not cache.pending(utt.utterance_id, signature, utt.audio_source):
                 continue
             try:
                 wave = load_audio(utt.audio_source, settings.sample_rate, settings.max_seconds, utt.start, utt.end)
@@ -158,12 +154,12 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
                 flush(cache)
         if pending:
             flush(cache)
-        if resumed:
-            log.info("resumed: %d of %d utterances came from the cache %s", resumed, len(utterances), cache.dir)
+        if cache.resumed:
+            log.info("resumed: %d of %d utterances came from the cache %s", cache.resumed, len(utterances), cache.dir)
         table, diagnostics = cache.table([u.utterance_id for u in utterances], info)
     chunked = {u: d["chunks"] for u, d in diagnostics.items() if d.get("chunks", 1) > 1}
     return finish_extraction("audio", table, time.perf_counter() - start,
-                             {"device": str(device), "resumed_from_cache": resumed,
+                             {"device": str(device), "resumed_from_cache": cache.resumed,
                               "audio_seconds_decoded": round(seconds, 2), "chunked": chunked,
                               "cache": str(cache.dir)}, features_dir)
 

@@ -149,17 +149,17 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
     inputs = encoder_inputs(utterances, params.text.context_window)
     with ExtractionCache("text", params.text.model_dump(), model.config.hidden_size, cache_root) as cache:
         signatures = [cache.signature(x) for x in inputs]
-        todo, resumed = [], 0
+        todo = []
         for i, u in enumerate(utterances):
-            if cache.is_done(u.utterance_id, signatures[i]):
-                resumed += 1
+            if not cache.pending(u.utterance_id, signatures[i]):
                 continue
             if not u.text.strip():
                 cache.put(u.utterance_id, signatures[i], None, "empty_text")
             else:
                 todo.append(i)
-        if resumed:
-            log.info("resuming: %d of %d utterances already in the cache %s", resumed, len(utterances), cache.dir)
+        if cache.resumed:
+            log.info("resuming: %d of %d utterances already in the cache %s", cache.resumed, len(utterances),
+                     cache.dir)
 
         def store(batch_rows: list[int], features: torch.Tensor) -> None:
             for row, vector in zip(batch_rows, features):
@@ -170,7 +170,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
             encode_texts([inputs[i] for i in todo], tokenizer, model, params.text, device, on_batch=store)
         table, _ = cache.table([u.utterance_id for u in utterances], info)
     return finish_extraction("text", table, time.perf_counter() - start,
-                             {"device": str(device), "resumed_from_cache": resumed,
+                             {"device": str(device), "resumed_from_cache": cache.resumed,
                               "encoded": len(todo), "cache": str(cache.dir)}, features_dir)
 
 

@@ -143,15 +143,11 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
     info = {**info, "fps": settings.fps, "max_frames": settings.max_frames, "face_select": settings.face_select,
             "params": settings.model_dump(mode="json")}
     timings = {"decode_seconds": 0.0, "detect_seconds": 0.0, "embed_seconds": 0.0}
-    frames_seen, frames_tracked, resumed = 0, 0, 0
+    frames_seen, frames_tracked = 0, 0
     with ExtractionCache("visual", settings.model_dump(), 512, cache_root, flush_every=16) as cache:
         for utt in tqdm(utterances, desc="extract_visual", unit="utt"):
             signature = cache.signature([file_signature(utt.clip), utt.start, utt.end])
-            if cache.is_done(utt.utterance_id, signature):
-                resumed += 1
-                continue
-            if not utt.clip:
-                cache.put(utt.utterance_id, signature, None, "missing_clip")
+            if not cache.pending(utt.utterance_id, signature, utt.clip):
                 continue
             t0 = time.perf_counter()
             try:
@@ -169,15 +165,15 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
                 log.warning("%s (no_face): no face in %d sampled frames of %s; visual masked",
                             utt.utterance_id, len(frames), utt.clip)
             cache.put(utt.utterance_id, signature, embedding, "ok" if embedding is not None else "no_face", diagnostics)
-        if resumed:
-            log.info("resumed: %d of %d utterances came from the cache %s", resumed, len(utterances), cache.dir)
+        if cache.resumed:
+            log.info("resumed: %d of %d utterances came from the cache %s", cache.resumed, len(utterances), cache.dir)
         table, per_clip = cache.table([u.utterance_id for u in utterances], info)
     rates = {"detect_frames_per_second": round(frames_seen / timings["detect_seconds"], 2)
              if timings["detect_seconds"] else None,
              "embed_frames_per_second": round(frames_tracked / timings["embed_seconds"], 2)
              if timings["embed_seconds"] else None}
     return finish_extraction("visual", table, time.perf_counter() - start,
-                             {"device": str(device), "resumed_from_cache": resumed, "frames": frames_seen,
+                             {"device": str(device), "resumed_from_cache": cache.resumed, "frames": frames_seen,
                               "frames_tracked": frames_tracked, **{k: round(v, 2) for k, v in timings.items()},
                               **rates, "cache": str(cache.dir), "per_clip": per_clip}, features_dir)
 

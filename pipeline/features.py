@@ -215,6 +215,7 @@ class ExtractionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "settings.json").write_text(blob + "\n", encoding="utf-8")
         self._shards = 0
+        self.resumed = 0  # utterances found done by pending()
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
             self._load_shard(shard)
             self._shards += 1
@@ -239,6 +240,20 @@ class ExtractionCache:
     def is_done(self, utterance_id: str, signature: str) -> bool:
         entry = self._done.get(utterance_id)
         return entry is not None and entry[0] == signature
+
+    def pending(self, utterance_id: str, signature: str, media: str | None = None) -> bool:
+        """Whether an utterance still needs extracting.
+
+        False when its result is cached (counted in :attr:`resumed`), or when ``media`` is given but
+        empty: the utterance has no clip, recorded here as ``missing_clip``.
+        """
+        if self.is_done(utterance_id, signature):
+            self.resumed += 1
+            return False
+        if media is not None and not media:
+            self.put(utterance_id, signature, None, "missing_clip")
+            return False
+        return True
 
     def put(self, utterance_id: str, signature: str, vector: torch.Tensor | None, reason: str = "ok",
             diagnostics: dict | None = None) -> None:
