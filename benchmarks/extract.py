@@ -10,10 +10,11 @@ For every stage (text, audio, visual) a child process of this script
 3. loads a fresh copy of the same model through the same :mod:`pipeline.encoders` loader (untimed),
    pre-decodes the inputs (untimed) and times a bare loop that only calls the model on them one
    batch at a time, with the stage's batch size, under ``torch.inference_mode()``;
-4. with ``--rounds R``, alternates 2 and 3 R times and keeps the best of each (less noise when
-   other work shares the CPU).
+4. with ``--rounds R``, alternates 2 and 3 R times.
 
-ratio = pipeline utt/s / bare utt/s over the same N utterances (= bare seconds / pipeline seconds).
+ratio = pipeline utt/s / bare utt/s over the same N utterances (= bare seconds / pipeline seconds),
+per round; the figure is the median over the R rounds (paired rounds cancel the drift of a shared
+machine's speed). Throughputs are the best round of each side.
 Targets (issue): text and audio ratio >= 0.8 (the audio pipeline decodes and resamples, the bare loop
 reads pre-decoded 16 kHz arrays); visual: decoding at most a third of the stage's time.
 
@@ -37,9 +38,11 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +54,7 @@ import torch  # noqa: E402
 from pipeline import extract_audio, extract_text, extract_visual  # noqa: E402
 from pipeline.config import Params, load_params, parse_params  # noqa: E402
 from pipeline.encoders import autocast_dtype, default_device  # noqa: E402
+from pipeline import features as features_module  # noqa: E402
 from pipeline.features import ExtractionCache  # noqa: E402
 from pipeline.media import MediaError, load_audio, sample_frames  # noqa: E402
 from pipeline.prepare import Utterance, prepare  # noqa: E402
@@ -58,6 +62,7 @@ from pipeline.prepare import Utterance, prepare  # noqa: E402
 STAGES = ("text", "audio", "visual")
 TARGET_RATIO = 0.8
 MAX_DECODE_SHARE = 1 / 3
+BACKGROUND = "(background thread, overlapped)"
 
 # wav2vec2-base's architecture (Baevski et al. 2020; facebook/wav2vec2-base's config.json), built with
 # random weights: the audio figure then reflects the real model's cost without downloading it.
@@ -133,31 +138,37 @@ def peak_rss_mb() -> float:
 class Stopwatch:
     """Times calls to named functions while active, as exclusive ("self") seconds per name.
 
-    Nested timed calls are subtracted from their caller, so the buckets add up to at most the wall
-    time; the remainder is the stage's own loop (iteration, tqdm, bookkeeping). Used to say where the
+    Nested timed calls are subtracted from their caller, so the main thread's buckets add up to at
+    most the wall time; the remainder is the stage's own loop (iteration, tqdm, bookkeeping). Calls
+    made in the stage's background decoding thread go to their own buckets, outside that sum. Used to say where the
     pipeline's time goes; the wrappers cost a few microseconds per call.
     """
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._stack: list[float] = []  # per open call: seconds spent in nested timed calls
+        self._local = threading.local()  # .stack per thread: per open call, seconds in nested timed calls
+        self._lock = threading.Lock()
         self._patches = contextlib.ExitStack()
 
     def wrap(self, name: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            self._stack.append(0.0)
+            stack = self._local.__dict__.setdefault("stack", [])
+            stack.append(0.0)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 total = time.perf_counter() - t0
-                nested = self._stack.pop()
-                self.seconds[name] = self.seconds.get(name, 0.0) + total - nested
-                self.calls[name] = self.calls.get(name, 0) + 1
-                if self._stack:
-                    self._stack[-1] += total
+                nested = stack.pop()
+                if stack:
+                    stack[-1] += total
+                # calls from the stage's decoding thread overlap the main thread's: a separate bucket
+                bucket = name if threading.current_thread() is threading.main_thread() else f"{name} {BACKGROUND}"
+                with self._lock:
+                    self.seconds[bucket] = self.seconds.get(bucket, 0.0) + total - nested
+                    self.calls[bucket] = self.calls.get(bucket, 0) + 1
         return timed
 
     def patch(self, owner, attr: str, name: str | None = None, static: bool = False) -> None:
@@ -182,8 +193,8 @@ LOADERS = {"text": "load_text_encoder", "audio": "load_audio_backend", "visual":
 CALLS = {
     "text": {"encode_texts": "model (tokenize+forward+pool)"},
     "audio": {"load_audio": "decode+resample", "encode_waves": "model (extractor+forward+pool)",
-              "file_signature": "file stat", "min_input_samples": "min_input_samples"},
-    "visual": {"sample_frames": "decode", "embed_faces": "model (detect+track+embed)", "file_signature": "file stat"},
+              "min_input_samples": "min_input_samples"},
+    "visual": {"sample_frames": "decode", "embed_faces": "model (detect+track+embed)"},
 }
 
 
@@ -195,6 +206,7 @@ def instrument(stage: str) -> Stopwatch:
     for attr, bucket in CALLS[stage].items():
         watch.patch(module, attr, bucket)
     watch.patch(module, "finish_extraction", "write features+report")
+    watch.patch(features_module, "file_signature", "file stat")
     for method in ("__init__", "put", "table"):
         watch.patch(ExtractionCache, method, f"cache {method.strip('_')}")
     watch.patch(ExtractionCache, "flush", "cache shard writes")
@@ -224,7 +236,8 @@ def run_pipeline(stage: str, utterances: list[Utterance], params: Params, measur
     out = {"seconds": seconds, "load_seconds": watch.seconds.get("load", 0.0), "report": report}
     if measure:
         breakdown = {k: round(v, 3) for k, v in sorted(watch.seconds.items(), key=lambda kv: -kv[1])}
-        breakdown["rest (loop, tqdm, bookkeeping)"] = round(seconds - sum(watch.seconds.values()), 3)
+        main = sum(v for k, v in watch.seconds.items() if not k.endswith(BACKGROUND))
+        breakdown["rest (loop, tqdm, bookkeeping)"] = round(seconds - main, 3)
         out["breakdown"] = breakdown
         out["calls"] = watch.calls
     return out
@@ -371,7 +384,10 @@ def best(runs: list[dict]) -> dict:
 def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int, rounds: int) -> dict:
     """Warm-up, then ``rounds`` x (timed pipeline run, timed bare loop), alternating; figures for one stage.
 
-    The figures are the best round of each side; every round's seconds are kept in ``seconds_rounds``.
+    Throughputs are the best round of each side; every round's seconds are kept in ``seconds_rounds``.
+    The ratio is the median over rounds of each round's ratio (its pipeline run and the bare loop right
+    after it): paired rounds cancel the slow drifts of a shared machine's speed, which the ratio of
+    the two best rounds does not (that one is kept as ``ratio_best_of_each``).
     Each round's bare loop gets a freshly loaded model (untimed), as each pipeline run loads its own.
     Peak RSS ``pipeline`` is read after the first pipeline run, before the bare loop loads its model.
     """
@@ -399,6 +415,7 @@ def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int,
     rate = n / pipe["seconds"]
     rate_no_load = n / (pipe["seconds"] - pipe["load_seconds"])
     bare_rate = n / bare["seconds"]
+    ratios = [b["seconds"] / (p["seconds"] - p["load_seconds"]) for p, b in zip(pipe_runs, bare_runs)]
     report = pipe.pop("report")
     out = {
         "stage": stage, "device": str(device), "utterances": n, "rounds": rounds, "encoder": report["encoder"],
@@ -406,7 +423,10 @@ def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int,
                      "reasons": report["reasons"], "seconds_rounds": [round(x["seconds"], 3) for x in pipe_runs]},
         "bare": {**bare, "utterances_per_second": bare_rate,
                  "seconds_rounds": [round(x["seconds"], 3) for x in bare_runs]},
-        "ratio": rate / bare_rate, "ratio_excluding_load": rate_no_load / bare_rate,
+        "ratio": statistics.median(b["seconds"] / p["seconds"] for p, b in zip(pipe_runs, bare_runs)),
+        "ratio_excluding_load": statistics.median(ratios),
+        "ratio_excluding_load_rounds": [round(x, 3) for x in ratios],
+        "ratio_best_of_each": rate / bare_rate, "ratio_excluding_load_best_of_each": rate_no_load / bare_rate,
         "peak_rss_mb": {"after_imports": rss_start, "pipeline": rss_pipeline, "with_bare_loop": peak_rss_mb()},
         "cuda_max_allocated_mb": {"pipeline": pipe_cuda, "bare": bare_cuda},
     }
@@ -478,8 +498,8 @@ def verdict(ok: bool) -> str:
 def print_table(results: list[dict]) -> None:
     """The compact Markdown table, then visual's detail and where the pipeline's time goes."""
     print("| stage | encoder | N | pipeline s (load s) | pipeline utt/s | excl. load utt/s | bare utt/s "
-          "| ratio (excl. load) | target | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio excl. load: median (rounds) | best / best | target | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p, b = r["pipeline"], r["bare"]
         name = r["stage"] + (f" ({r['audio_config']})" if r.get("audio_config") else "")
@@ -491,7 +511,9 @@ def print_table(results: list[dict]) -> None:
         rss = f"{r['peak_rss_mb']['pipeline']:.0f}" + (f" (GPU {gpu:.0f})" if gpu is not None else "")
         print(f"| {name} | {encoder_name(r)} | {r['utterances']} | {p['seconds']:.1f} ({p['load_seconds']:.1f}) "
               f"| {p['utterances_per_second']:.1f} | {p['utterances_per_second_excluding_load']:.1f} "
-              f"| {b['utterances_per_second']:.1f} | {r['ratio']:.2f} ({r['ratio_excluding_load']:.2f}) | {target} | {rss} |")
+              f"| {b['utterances_per_second']:.1f} | {r['ratio_excluding_load']:.2f} "
+              f"({' '.join(f'{x:.2f}' for x in r['ratio_excluding_load_rounds'])}) "
+              f"| {r['ratio_excluding_load_best_of_each']:.2f} | {target} | {rss} |")
     for r in results:
         if r["stage"] == "visual":
             v, b = r["visual"], r["bare"]
@@ -536,7 +558,9 @@ def parent_main(args: argparse.Namespace) -> None:
               "the architecture; the demo's tiny wav2vec2 is far cheaper than wav2vec2-base (--audio-config base).")
     print("ratio = pipeline utt/s / bare-loop utt/s on the same utterances; the pipeline figure includes "
           "decoding, the cache and writing the features, the bare loop only the model calls on pre-decoded "
-          "inputs. 'excl. load' subtracts the loader call timed inside the pipeline run; targets use it.")
+          "inputs. 'excl. load' subtracts the loader call timed inside the pipeline run; the target uses the "
+          "median over rounds of each round's ratio (pipeline run, then bare loop); 'best / best' divides the "
+          "best round of each side. Throughputs are the best round of each side.")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**header, "stages": results}, indent=2, default=str) + "\n")

@@ -16,8 +16,10 @@ Backends (``audio.backend``):
 
 Masked utterances (reason code): no media (``missing_clip``), a file without an audio stream or an
 empty / too short segment (``no_audio``), a file that does not decode (``decode_error``). Each is
-listed in the report. Resumable through :class:`pipeline.features.ExtractionCache`; one clip is
-decoded at a time (memory does not grow with the corpus).
+listed in the report. Resumable through :class:`pipeline.features.ExtractionCache`. Clips are
+decoded in a background thread a few utterances ahead of the encoder
+(:func:`pipeline.media.decode_ahead`), so decoding overlaps the model calls and memory does not grow
+with the corpus.
 
 Output: ``data/features/audio.safetensors`` and ``audio_report.json``.
 Run: ``python -m pipeline.extract_audio [--params params.yaml]``.
@@ -35,11 +37,13 @@ from tqdm import tqdm
 
 from pipeline.config import AudioParams, Params, run_stage
 from pipeline.encoders import autocast_dtype, default_device, load_audio_backend
-from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, file_signature, finish_extraction
-from pipeline.media import MediaError, load_audio
+from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, finish_extraction
+from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio
 from pipeline.prepare import Utterance, load_utterances
 
 log = logging.getLogger(__name__)
+
+DECODE_AHEAD = 8  # utterances decoded in the background ahead of the encoder (a few MB of audio)
 
 
 def split_chunks(wave: torch.Tensor, chunk_samples: int) -> list[torch.Tensor]:
@@ -126,13 +130,18 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
             k += len(cs)
         pending.clear()
 
+    def decode(item: tuple[int, str]) -> torch.Tensor:
+        utt = utterances[item[0]]
+        return load_audio(utt.audio_source, settings.sample_rate, settings.max_seconds, utt.start, utt.end)
+
     with ExtractionCache("audio", settings.model_dump(), info["hidden_size"], cache_root) as cache:
-        for i, utt in enumerate(tqdm(utterances, desc="extract_audio", unit="utt")):
-            signature = cache.signature([file_signature(utt.audio_source), utt.start, utt.end])
-            if not cache.pending(utt.utterance_id, signature, utt.audio_source):
-                continue
+        todo = cache.pending_media(utterances, "audio_source")
+        decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
+        for (i, signature), wave in tqdm(decoded, total=len(todo), desc="extract_audio", unit="utt"):
+            utt = utterances[i]
             try:
-                wave = load_audio(utt.audio_source, settings.sample_rate, settings.max_seconds, utt.start, utt.end)
+                if isinstance(wave, MediaError):
+                    raise wave
                 if settings.backend == "opensmile":
                     values = extractor.process_signal(wave.numpy(), settings.sample_rate).to_numpy()[0]
                     if not np.isfinite(values).all():

@@ -13,8 +13,9 @@
 
 Masked utterances (reason code): no media (``missing_clip``), an audio-only file (``no_video``), no
 face in any sampled frame (``no_face``), a clip that does not decode (``decode_error``). The report keeps
-per-clip frame and per-frame face counts as diagnostics, and the time spent decoding, detecting and
-embedding (frames/s). Resumable through :class:`pipeline.features.ExtractionCache`.
+per-clip frame and per-frame face counts as diagnostics, and the time spent decoding (in a background
+thread, overlapped with detection: :func:`pipeline.media.decode_ahead`), detecting and embedding
+(frames/s). Resumable through :class:`pipeline.features.ExtractionCache`.
 
 Output: ``data/features/visual.safetensors`` and ``visual_report.json``.
 Run: ``python -m pipeline.extract_visual [--params params.yaml]``.
@@ -32,11 +33,13 @@ from tqdm import tqdm
 
 from pipeline.config import Params, VisualParams, run_stage
 from pipeline.encoders import default_device, load_face_models
-from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, file_signature, finish_extraction
-from pipeline.media import MediaError, sample_frames
+from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, finish_extraction
+from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames
 from pipeline.prepare import Utterance, load_utterances
 
 log = logging.getLogger(__name__)
+
+DECODE_AHEAD = 2  # clips decoded in the background ahead of detection (each up to max_frames RGB frames)
 
 
 def _centre(box: np.ndarray) -> np.ndarray:
@@ -145,19 +148,21 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
     timings = {"decode_seconds": 0.0, "detect_seconds": 0.0, "embed_seconds": 0.0}
     frames_seen, frames_tracked = 0, 0
     with ExtractionCache("visual", settings.model_dump(), 512, cache_root, flush_every=16) as cache:
-        for utt in tqdm(utterances, desc="extract_visual", unit="utt"):
-            signature = cache.signature([file_signature(utt.clip), utt.start, utt.end])
-            if not cache.pending(utt.utterance_id, signature, utt.clip):
-                continue
-            t0 = time.perf_counter()
+        def decode(item: tuple[int, str]) -> list[np.ndarray]:  # runs in the decoding thread
+            utt, t0 = utterances[item[0]], time.perf_counter()
             try:
-                frames = sample_frames(utt.clip, settings.fps, settings.max_frames, utt.start, utt.end)
-            except MediaError as err:
-                cache.put(utt.utterance_id, signature, None, err.reason)
-                log.warning("%s (%s): %s; visual masked", utt.utterance_id, err.reason, err)
-                continue
+                return sample_frames(utt.clip, settings.fps, settings.max_frames, utt.start, utt.end)
             finally:
                 timings["decode_seconds"] += time.perf_counter() - t0
+
+        todo = cache.pending_media(utterances, "clip")
+        decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
+        for (row, signature), frames in tqdm(decoded, total=len(todo), desc="extract_visual", unit="utt"):
+            utt = utterances[row]
+            if isinstance(frames, MediaError):
+                cache.put(utt.utterance_id, signature, None, frames.reason)
+                log.warning("%s (%s): %s; visual masked", utt.utterance_id, frames.reason, frames)
+                continue
             embedding, diagnostics = embed_faces(frames, mtcnn, embedder, settings, device, timings)
             frames_seen += diagnostics["frames"]
             frames_tracked += diagnostics["frames_tracked"]

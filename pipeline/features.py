@@ -255,6 +255,22 @@ class ExtractionCache:
             return False
         return True
 
+    def pending_media(self, utterances: list, media: str) -> list[tuple[int, str]]:
+        """``(row, signature)`` of the utterances still to extract from a media file, in table order.
+
+        ``media`` names the utterance attribute that holds the file (``clip``, ``audio_source``); the
+        signature covers the file (path, size, modification time) and the segment bounds
+        (``start``, ``end``). Cached utterances are skipped and missing files recorded, as in
+        :meth:`pending`.
+        """
+        todo = []
+        for row, utt in enumerate(utterances):
+            path = getattr(utt, media)
+            signature = self.signature([file_signature(path), utt.start, utt.end])
+            if self.pending(utt.utterance_id, signature, path):
+                todo.append((row, signature))
+        return todo
+
     def put(self, utterance_id: str, signature: str, vector: torch.Tensor | None, reason: str = "ok",
             diagnostics: dict | None = None) -> None:
         """Record one utterance's result: its ``[D]`` vector (None when masked) and reason code."""

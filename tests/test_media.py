@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.media import MediaError, load_audio, sample_frames
+from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio, sample_frames
 
 
 def container_seconds(path: Path) -> float:
@@ -169,3 +169,79 @@ def test_demo_clip_frames(demo_root: Path):
     assert len(frames) == 5
     assert all(f.shape == (240, 320, 3) and f.dtype == np.uint8 for f in frames)
     assert len(sample_frames(clip, fps=2.0, max_frames=2)) == 2
+
+
+# decode_ahead: background decoding in order, errors as values, bounded look-ahead
+
+
+def test_decode_ahead_yields_in_order_with_media_errors_in_place(demo_root: Path):
+    clips = sorted(demo_root.rglob("*.mp4"))[:5]
+    items = [str(clips[0]), str(demo_root / "missing.mp4"), *map(str, clips[1:])]
+    out = list(decode_ahead(items, load_audio, depth=2))
+    assert [item for item, _ in out] == items
+    assert isinstance(out[1][1], MediaError) and out[1][1].reason == "decode_error"
+    for item, wave in out[:1] + out[2:]:
+        assert torch.equal(wave, load_audio(item))  # same result as decoding in the caller
+
+
+def test_decode_ahead_runs_in_a_background_thread_at_most_depth_ahead():
+    import threading
+    import time
+
+    started, consumed = [], []
+
+    def decode(i: int) -> tuple[int, str]:
+        started.append(i)
+        return i, threading.current_thread().name
+
+    for i, (j, thread) in decode_ahead(list(range(20)), decode, depth=3):
+        time.sleep(0.005)  # the consumer is slower than decoding: the thread runs ahead, up to depth
+        assert j == i and thread != threading.current_thread().name
+        assert max(started) <= i + 3 + 1  # the item being consumed + depth + the one being submitted
+        consumed.append(i)
+    assert consumed == list(range(20)) and started == list(range(20))
+
+
+def test_decode_ahead_raises_other_errors_in_the_caller_and_stops_decoding():
+    started = []
+
+    def decode(i: int) -> int:
+        started.append(i)
+        if i == 3:
+            raise KeyError("not a media error")
+        return i
+
+    with pytest.raises(KeyError, match="not a media error"):
+        for _ in decode_ahead(list(range(100)), decode, depth=2):
+            pass
+    assert max(started) <= 3 + 2 + 1  # decodes not yet started were cancelled
+
+
+def test_decode_ahead_closed_early_cancels_pending_decodes():
+    started = []
+    gen = decode_ahead(list(range(100)), lambda i: started.append(i) or i, depth=4)
+    assert next(gen) == (0, 0)
+    gen.close()
+    assert len(started) <= 6
+    with pytest.raises(ValueError, match="depth"):
+        next(decode_ahead([1], lambda i: i, depth=-1))
+
+
+def test_decode_ahead_depth_zero_decodes_lazily_in_the_caller():
+    import threading
+
+    started = []
+    gen = decode_ahead([0, 1, 2], lambda i: started.append(i) or threading.current_thread().name, depth=0)
+    assert next(gen) == (0, threading.current_thread().name) and started == [0]
+    assert [i for i, _ in gen] == [1, 2] and started == [0, 1, 2]
+
+
+def test_decode_depth_uses_a_thread_only_when_a_core_is_free(monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert decode_depth(torch.device("cpu"), 8) == 0
+    assert decode_depth(torch.device("cuda"), 8) == 8
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert decode_depth(torch.device("cpu"), 8) == 8
