@@ -223,8 +223,8 @@ def decode_depth(device: torch.device, depth: int) -> int:
 
     On CUDA the model runs on the GPU and the CPU is free to decode; on the CPU only when there are
     more cores than torch's intra-op threads. Measured on the 2-core development machine with torch
-    on both cores: a decoding thread competing with them made the audio stage no faster (0.72-0.81 of
-    the bare model loop, against 0.77-0.81 decoding inline; ``benchmarks/README.md``).
+    on both cores, a decoding thread competing with them made the demo's audio stage no faster
+    (``benchmarks/README.md``, extraction speed).
     """
     if device.type == "cuda":
         return depth

@@ -121,6 +121,24 @@ def write_utterances(items: list[tuple]) -> list:
     return utterances
 
 
+def save_tiny_bert(path: Path, words: list[str], num_hidden_layers: int, max_position_embeddings: int):
+    """Save a randomly initialised (seed 0) 16-d BERT with a word-level BertTokenizer over ``words``
+    (after the 5 special tokens) as a local model directory; returns the tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    # transformers 5 ignores vocab files passed by name: give the vocabulary as a dict.
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=num_hidden_layers,
+                                 num_attention_heads=2, intermediate_size=32,
+                                 max_position_embeddings=max_position_embeddings))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def ffmpeg():
     """A function running imageio-ffmpeg's ffmpeg binary with the given arguments."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_utterances
+from conftest import save_tiny_bert, write_utterances
 from pipeline import extract_audio, extract_text, extract_visual
 from pipeline.config import parse_params
 from pipeline.encoders import load_face_models, resolve_model_path
@@ -34,18 +34,9 @@ def report(modality: str) -> dict:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 1-layer BERT and a word-level BertTokenizer, saved as a local model directory."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     path = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    # transformers 5 ignores vocab files passed by name: give the vocabulary as a dict.
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer = save_tiny_bert(path, WORDS, num_hidden_layers=1, max_position_embeddings=32)
     assert tokenizer("i am happy")["input_ids"] == [2, 5, 6, 7, 3]
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=32))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return path
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_utterances
+from conftest import save_tiny_bert, write_utterances
 from pipeline import extract_audio, extract_text, extract_visual
 from pipeline.config import load_params, parse_params
 from pipeline.datasets import Utterance
@@ -77,17 +77,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT with a word-level (fast) BertTokenizer, as a local model directory."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     path = tmp_path_factory.mktemp("tiny_bert2")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *EXTRA]
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer = save_tiny_bert(path, [*WORDS, *EXTRA], num_hidden_layers=2, max_position_embeddings=64)
     assert tokenizer.is_fast and tokenizer("A: hi")["input_ids"] == [2, 19, 23, 25, 3]
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=64))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return path
 
 
