@@ -619,7 +619,7 @@ def test_sample_frames_reads_only_the_segment(clips: dict[str, Path], start, end
 
 
 def test_bad_media_are_masked_with_their_reason_and_never_raise(stage_dir: Path, demo_root: Path, clips, bad_clips,
-                                                                media, cached_face_models):
+                                                                media, cached_face_models, monkeypatch):
     cases = [  # (clip, audio reasons, visual reason)
         (bad_clips["empty"], {"decode_error"}, "decode_error"),
         (bad_clips["random"], {"decode_error"}, "decode_error"),
@@ -635,10 +635,17 @@ def test_bad_media_are_masked_with_their_reason_and_never_raise(stage_dir: Path,
     write_utterances([(f"test/dia{i}_utt0", "x", "A", clip) for i, (clip, _, _) in enumerate(cases)])
     params = parse_params({"audio": {"random_init": TINY_AUDIO},
                            "visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}})
-    extract_audio.run(params)
-    extract_visual.run(params)
-    audio = load_table("data/features/audio.safetensors")
-    visual = load_table("data/features/visual.safetensors")
+    tables = {}
+    for background in (False, True):  # decoding in the caller's thread, then in a decoding thread
+        for stage in (extract_audio, extract_visual):
+            monkeypatch.setattr(stage, "decode_depth", lambda device, depth: depth if background else 0)
+        shutil.rmtree("data/interim", ignore_errors=True)  # nothing resumed
+        extract_audio.run(params)
+        extract_visual.run(params)
+        tables[background] = [load_table(f"data/features/{m}.safetensors") for m in ("audio", "visual")]
+    for inline, threaded in zip(tables[False], tables[True]):
+        assert inline.reasons == threaded.reasons and torch.equal(inline.features, threaded.features)
+    audio, visual = tables[True]
     for i, (clip, audio_reasons, visual_reason) in enumerate(cases):
         assert audio.reasons[i] in audio_reasons, (clip, audio.reasons[i])
         assert visual.reasons[i] == visual_reason, (clip, visual.reasons[i])
