@@ -53,8 +53,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
         ``[num_samples]`` float32 tensor, values in [-1, 1].
 
     Raises:
-        MediaError: ``no_audio`` when the container has no audio stream or it (or the segment) decodes
-            to nothing, ``decode_error`` when the file cannot be opened or decoded.
+        MediaError: ``no_audio`` when the container has no audio stream or the segment decodes to
+            nothing; ``decode_error`` when the file cannot be opened or decoded, or when a stream that
+            declares a duration decodes to nothing (a truncated file whose header survived).
     """
     import av
 
@@ -98,6 +99,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     if start:
         wave = wave[max(0, int(round((start - first_time) * rate))):]
     if wave.numel() == 0:
+        if start is None and end is None and declared:  # the header survived, the packets did not
+            raise MediaError("decode_error", path, f"the audio stream declares {declared:.2f} s but decoded to "
+                             "zero samples (a truncated or corrupt file?)")
         what = f"the segment [{start}, {end}] s" if start is not None or end is not None else "the audio stream"
         raise MediaError("no_audio", path, f"{what} decoded to zero samples")
     if rate != sample_rate:

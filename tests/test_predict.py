@@ -73,7 +73,7 @@ def test_predict_with_transcript_reports_the_corrupt_clip(run_dir: Path, monkeyp
         assert float(r["emotion_prob"]) == pytest.approx(max(probs), abs=1e-4)
     result = json.loads((run_dir / "out/predictions.json").read_text())
     by_id = {r["utterance_id"]: r for r in result["rows"]}
-    assert by_id["conv1_utt1"]["missing"] == {"audio": "no_audio", "visual": "decode_error"}
+    assert by_id["conv1_utt1"]["missing"] == {"audio": "decode_error", "visual": "decode_error"}  # truncated
     assert by_id["conv1_utt1"]["modalities"] == ["text"]
     assert result["skipped"] == [] and result["text_source"] == "transcript"
     assert result["encoders"]["text"]["pretrained"] is True and result["encoders"]["audio"]["pretrained"] is False
