@@ -163,8 +163,6 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
                 flush(cache)
         if pending:
             flush(cache)
-        if cache.resumed:
-            log.info("resumed: %d of %d utterances came from the cache %s", cache.resumed, len(utterances), cache.dir)
         table, diagnostics = cache.table([u.utterance_id for u in utterances], info)
     chunked = {u: d["chunks"] for u, d in diagnostics.items() if d.get("chunks", 1) > 1}
     return finish_extraction("audio", table, time.perf_counter() - start,

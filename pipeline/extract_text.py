@@ -23,7 +23,6 @@ Run: ``python -m pipeline.extract_text [--params params.yaml]``.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -34,8 +33,6 @@ from pipeline.config import Params, TextParams, run_stage
 from pipeline.encoders import autocast_dtype, default_device, load_text_encoder
 from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, finish_extraction
 from pipeline.prepare import Utterance, load_utterances
-
-log = logging.getLogger(__name__)
 
 
 def select_layers(outputs, last_k_layers: int) -> torch.Tensor:
@@ -157,9 +154,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
                 cache.put(u.utterance_id, signatures[i], None, "empty_text")
             else:
                 todo.append(i)
-        if cache.resumed:
-            log.info("resuming: %d of %d utterances already in the cache %s", cache.resumed, len(utterances),
-                     cache.dir)
+        cache.log_resumed(len(utterances))
 
         def store(batch_rows: list[int], features: torch.Tensor) -> None:
             for row, vector in zip(batch_rows, features):

@@ -170,8 +170,6 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
                 log.warning("%s (no_face): no face in %d sampled frames of %s; visual masked",
                             utt.utterance_id, len(frames), utt.clip)
             cache.put(utt.utterance_id, signature, embedding, "ok" if embedding is not None else "no_face", diagnostics)
-        if cache.resumed:
-            log.info("resumed: %d of %d utterances came from the cache %s", cache.resumed, len(utterances), cache.dir)
         table, per_clip = cache.table([u.utterance_id for u in utterances], info)
     rates = {"detect_frames_per_second": round(frames_seen / timings["detect_seconds"], 2)
              if timings["detect_seconds"] else None,

@@ -206,7 +206,7 @@ class ExtractionCache:
         settings = {k: v for k, v in settings.items() if k not in RUNTIME_ONLY}
         blob = json.dumps({"settings": settings, "dim": dim}, sort_keys=True, default=str)
         self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        self.dir = Path(root) / modality / self.key
+        self.modality, self.dir = modality, Path(root) / modality / self.key
         self.dim, self.flush_every, self.flush_seconds = dim, flush_every, flush_seconds
         self._clock = time.monotonic
         self._last_flush = self._clock()
@@ -269,7 +269,16 @@ class ExtractionCache:
             signature = self.signature([file_signature(path), utt.start, utt.end])
             if self.pending(utt.utterance_id, signature, path):
                 todo.append((row, signature))
+        self.log_resumed(len(utterances))
         return todo
+
+    def log_resumed(self, total: int) -> None:
+        """Say how many of ``total`` utterances :meth:`pending` found in the cache (nothing if none)."""
+        if self.resumed:
+            import logging
+
+            logging.getLogger(f"pipeline.extract_{self.modality}").info(
+                "resumed: %d of %d utterances came from the cache %s", self.resumed, total, self.dir)
 
     def put(self, utterance_id: str, signature: str, vector: torch.Tensor | None, reason: str = "ok",
             diagnostics: dict | None = None) -> None:

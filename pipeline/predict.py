@@ -193,9 +193,9 @@ def predict(utterances: list[Utterance], params: Params, checkpoint_path: Path, 
     for m, table in tables.items():
         for uid, reason in zip(table.utterance_ids, table.reasons):
             status.setdefault(uid, {})[m] = reason
-    usable = [u for u in utterances if any(r == "ok" for r in status[u.utterance_id].values())]
+    usable = [u for u in utterances if "ok" in status[u.utterance_id].values()]
     skipped = [{"utterance_id": u.utterance_id, "reasons": status[u.utterance_id]}
-               for u in utterances if u not in usable]
+               for u in utterances if "ok" not in status[u.utterance_id].values()]
     for s in skipped:
         log.warning("%s: no usable modality (%s); left out of the predictions", s["utterance_id"], s["reasons"])
     if not usable:
