@@ -15,7 +15,8 @@ Masked utterances (reason code): no media (``missing_clip``), an audio-only file
 face in any sampled frame (``no_face``), a clip that does not decode (``decode_error``). The report keeps
 per-clip frame and per-frame face counts as diagnostics, and the time spent decoding (in a background
 thread, overlapped with detection: :func:`pipeline.media.decode_ahead`), detecting and embedding
-(frames/s). Resumable through :class:`pipeline.features.ExtractionCache`.
+(frames/s). Resumable through :class:`pipeline.features.ExtractionCache`. Every ``TRIM_EVERY`` clips the
+C heap's free pages go back to the system (:func:`pipeline.media.trim_heap`): memory stays flat.
 
 Output: ``data/features/visual.safetensors`` and ``visual_report.json``.
 Run: ``python -m pipeline.extract_visual [--params params.yaml]``.
@@ -34,12 +35,13 @@ from tqdm import tqdm
 from pipeline.config import Params, VisualParams, run_stage
 from pipeline.encoders import default_device, load_face_models
 from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, finish_extraction
-from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames
+from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames, trim_heap
 from pipeline.prepare import Utterance, load_utterances
 
 log = logging.getLogger(__name__)
 
 DECODE_AHEAD = 2  # clips decoded in the background ahead of detection (each up to max_frames RGB frames)
+TRIM_EVERY = 16  # clips between two trim_heap() calls (keeps the resident size flat over a corpus)
 
 
 def _centre(box: np.ndarray) -> np.ndarray:
@@ -157,8 +159,11 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path = FE
 
         todo = cache.pending_media(utterances, "clip")
         decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
-        for (row, signature), frames in tqdm(decoded, total=len(todo), desc="extract_visual", unit="utt"):
+        for done, ((row, signature), frames) in enumerate(tqdm(decoded, total=len(todo), desc="extract_visual",
+                                                                unit="utt"), start=1):
             utt = utterances[row]
+            if done % TRIM_EVERY == 0:
+                trim_heap()
             if isinstance(frames, MediaError):
                 cache.put(utt.utterance_id, signature, None, frames.reason)
                 log.warning("%s (%s): %s; visual masked", utt.utterance_id, frames.reason, frames)

@@ -6,6 +6,7 @@ Failures raise :class:`MediaError` with a reason code from :mod:`pipeline.featur
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -234,3 +235,36 @@ def decode_depth(device: torch.device, depth: int) -> int:
         return depth
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return depth if cores > torch.get_num_threads() else 0
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim(0)``).
+
+    Decoded frames, MTCNN's image pyramids and the embedder's activations are large buffers of
+    varying size, allocated and freed for every clip. glibc keeps the freed memory in its arenas, so
+    over a long run the resident size of the visual stage crept up by about 270 MB per 1,000
+    utterances while the memory actually in use stayed flat (measured with ``benchmarks/memory.py``
+    and glibc's ``mallinfo2``; ``benchmarks/README.md``, extraction memory). Calling this every few
+    clips keeps the resident size flat; every clip would cost about 15% of the stage's time.
+
+    Returns:
+        True when the heap was trimmed; False where glibc's ``malloc_trim`` is absent (macOS, musl),
+        which is harmless: nothing is trimmed.
+    """
+    malloc_trim = _glibc_malloc_trim()
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim`` through ctypes, or None where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

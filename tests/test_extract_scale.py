@@ -635,6 +635,9 @@ def test_bad_media_are_masked_with_their_reason_and_never_raise(stage_dir: Path,
     write_utterances([(f"test/dia{i}_utt0", "x", "A", clip) for i, (clip, _, _) in enumerate(cases)])
     params = parse_params({"audio": {"random_init": TINY_AUDIO},
                            "visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}})
+    trims = []
+    monkeypatch.setattr(extract_visual, "TRIM_EVERY", 3)
+    monkeypatch.setattr(extract_visual, "trim_heap", lambda: trims.append(1))
     tables = {}
     for background in (False, True):  # decoding in the caller's thread, then in a decoding thread
         for stage in (extract_audio, extract_visual):
@@ -643,6 +646,7 @@ def test_bad_media_are_masked_with_their_reason_and_never_raise(stage_dir: Path,
         extract_audio.run(params)
         extract_visual.run(params)
         tables[background] = [load_table(f"data/features/{m}.safetensors") for m in ("audio", "visual")]
+    assert len(trims) == 2 * 3  # the heap trimmed every 3rd of the 9 clips decoded, in each run
     for inline, threaded in zip(tables[False], tables[True]):
         assert inline.reasons == threaded.reasons and torch.equal(inline.features, threaded.features)
     audio, visual = tables[True]
