@@ -457,23 +457,29 @@ def child_main(args: argparse.Namespace) -> None:
 # parent: one child per stage, then the table
 
 
-def run_child(args: argparse.Namespace, stage: str, n: int, audio_config: str | None) -> dict:
-    """Run ``--only stage`` in a fresh interpreter (per-stage peak RSS) and read back its figures."""
+def run_json_child(script: Path, argv: list[str], label: str) -> dict:
+    """Run ``script argv --child-out FILE`` in a fresh interpreter (its own peak RSS) and read back FILE's JSON.
+
+    Raises: subprocess.CalledProcessError when the child fails.
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", stage, "--params", str(args.params),
-           "--utterances", str(n), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-           "--child-out", str(out),
-           "--repeat-dialogues" if args.repeat_dialogues else "--no-repeat-dialogues"]
-    if audio_config:
-        cmd += ["--audio-config", audio_config]
-    print(f"[{time.strftime('%H:%M:%S')}] {stage}{' (' + audio_config + ')' if audio_config else ''}: "
-          f"{n} utterances ...", file=sys.stderr, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
     try:
-        subprocess.run(cmd, check=True, cwd=REPO)
+        subprocess.run([sys.executable, str(Path(script).resolve()), *argv, "--child-out", str(out)], check=True, cwd=REPO)
         return json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)
+
+
+def run_child(args: argparse.Namespace, stage: str, n: int, audio_config: str | None) -> dict:
+    """Run ``--only stage`` in a fresh interpreter (per-stage peak RSS) and read back its figures."""
+    argv = ["--only", stage, "--params", str(args.params), "--utterances", str(n), "--warmup", str(args.warmup),
+            "--rounds", str(args.rounds), "--repeat-dialogues" if args.repeat_dialogues else "--no-repeat-dialogues"]
+    if audio_config:
+        argv += ["--audio-config", audio_config]
+    return run_json_child(Path(__file__), argv,
+                          f"{stage}{' (' + audio_config + ')' if audio_config else ''}: {n} utterances")
 
 
 def load_average() -> str:

@@ -29,9 +29,7 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -103,18 +101,11 @@ def child(stage: str, n: int, params_path: Path, warmup: int, trim: bool) -> dic
             "reasons": report.get("reasons"), "frames": report.get("frames")}
 
 
-def run_child(stage: str, n: int, args: argparse.Namespace) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", stage, "--n", str(n),
-           "--params", str(args.params), "--warmup", str(args.warmup), "--child-out", str(out),
-           "--trim" if args.trim else "--no-trim"]
-    print(f"[{time.strftime('%H:%M:%S')}] {stage}: {n} utterances ...", file=sys.stderr, flush=True)
-    try:
-        subprocess.run(cmd, check=True, cwd=REPO)
-        return json.loads(out.read_text())
-    finally:
-        out.unlink(missing_ok=True)
+def run_child(bench, stage: str, n: int, args: argparse.Namespace) -> dict:
+    """One (stage, N) measurement in a fresh interpreter (``ru_maxrss`` only grows)."""
+    argv = ["--only", stage, "--n", str(n), "--params", str(args.params), "--warmup", str(args.warmup),
+            "--trim" if args.trim else "--no-trim"]
+    return bench.run_json_child(Path(__file__), argv, f"{stage}: {n} utterances")
 
 
 def print_table(results: list[dict]) -> None:
@@ -157,7 +148,8 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(child(args.only, args.n, args.params, args.warmup, args.trim), default=str))
         return
     start = time.perf_counter()
-    results = [run_child(stage, n, args) for stage in args.stages
+    bench = load_extract_benchmark()
+    results = [run_child(bench, stage, n, args) for stage in args.stages
                for n in (args.visual_sizes if stage == "visual" else args.sizes)]
     print(f"\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {os.cpu_count()} CPUs; {time.perf_counter() - start:.0f} s\n")
     print_table(results)
