@@ -51,13 +51,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline import extract_audio, extract_text, extract_visual  # noqa: E402
+from pipeline import audio_features, extraction_cache, text_features, visual_features  # noqa: E402
 from pipeline.config import Params, load_params, parse_params  # noqa: E402
 from pipeline.encoders import autocast_dtype, default_device  # noqa: E402
-from pipeline import features as features_module  # noqa: E402
-from pipeline.features import ExtractionCache  # noqa: E402
+from pipeline.extraction_cache import ExtractionCache  # noqa: E402
 from pipeline.media import MediaError, load_audio, sample_frames  # noqa: E402
-from pipeline.prepare import Utterance, prepare  # noqa: E402
+from pipeline.prepare import prepare  # noqa: E402
+from pipeline.utterances import Utterance  # noqa: E402
 
 STAGES = ("text", "audio", "visual")
 TARGET_RATIO = 0.8
@@ -67,9 +67,16 @@ BACKGROUND = "(background thread, overlapped)"
 # wav2vec2-base's architecture (Baevski et al. 2020; facebook/wav2vec2-base's config.json), built with
 # random weights: the audio figure then reflects the real model's cost without downloading it.
 WAV2VEC2_BASE = {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-    "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-    "feat_extract_norm": "group", "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "conv_dim": [512] * 7,
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "feat_extract_norm": "group",
+    "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16,
 }
 
 
@@ -90,8 +97,10 @@ def demo_utterances(params: Params, n: int, repeat: bool) -> list[Utterance]:
     out: list[Utterance] = []
     copy = 0
     while len(out) < n:
-        out += [dataclasses.replace(u, utterance_id=f"rep{copy}/{u.utterance_id}", dialogue_id=f"rep{copy}/{u.dialogue_id}")
-                for u in base]
+        out += [
+            dataclasses.replace(u, utterance_id=f"rep{copy}/{u.utterance_id}", dialogue_id=f"rep{copy}/{u.dialogue_id}")
+            for u in base
+        ]
         copy += 1
     return out[:n]
 
@@ -117,6 +126,7 @@ def decoded_once(key_fn, decode_fn):
             except MediaError:
                 cache[key] = None
         return cache[key]
+
     return get
 
 
@@ -169,6 +179,7 @@ class Stopwatch:
                 with self._lock:
                     self.seconds[bucket] = self.seconds.get(bucket, 0.0) + total - nested
                     self.calls[bucket] = self.calls.get(bucket, 0) + 1
+
         return timed
 
     def patch(self, owner, attr: str, name: str | None = None, static: bool = False) -> None:
@@ -186,14 +197,18 @@ class Stopwatch:
         self._patches.close()
 
 
-# Per stage: the stage module, its loader's name in that module, and the functions it calls whose
-# time is worth separating (name in the stage module -> bucket).
-STAGE_MODULES = {"text": extract_text, "audio": extract_audio, "visual": extract_visual}
+# Per stage: the module with the stage's ``extract`` (pipeline.<modality>_features; the stage module
+# pipeline.extract_<modality> only adds the command line and the modality guard), its loader's name in that
+# module, and the functions it calls whose time is worth separating (name in that module -> bucket).
+STAGE_MODULES = {"text": text_features, "audio": audio_features, "visual": visual_features}
 LOADERS = {"text": "load_text_encoder", "audio": "load_audio_backend", "visual": "load_face_models"}
 CALLS = {
     "text": {"encode_texts": "model (tokenize+forward+pool)"},
-    "audio": {"load_audio": "decode+resample", "encode_waves": "model (extractor+forward+pool)",
-              "min_input_samples": "min_input_samples"},
+    "audio": {
+        "load_audio": "decode+resample",
+        "encode_waves": "model (extractor+forward+pool)",
+        "min_input_samples": "min_input_samples",
+    },
     "visual": {"sample_frames": "decode", "embed_faces": "model (detect+track+embed)"},
 }
 
@@ -206,7 +221,7 @@ def instrument(stage: str) -> Stopwatch:
     for attr, bucket in CALLS[stage].items():
         watch.patch(module, attr, bucket)
     watch.patch(module, "finish_extraction", "write features+report")
-    watch.patch(features_module, "file_signature", "file stat")
+    watch.patch(extraction_cache, "file_signature", "file stat")
     for method in ("__init__", "put", "table"):
         watch.patch(ExtractionCache, method, f"cache {method.strip('_')}")
     watch.patch(ExtractionCache, "flush", "cache shard writes")
@@ -223,8 +238,10 @@ def run_pipeline(stage: str, utterances: list[Utterance], params: Params, measur
     """
     watch = instrument(stage)
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-features-") as features, \
-                tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-features-") as features,
+            tempfile.TemporaryDirectory(prefix="bench-cache-") as cache,
+        ):
             device = default_device()
             sync(device)
             t0 = time.perf_counter()
@@ -255,7 +272,7 @@ def bare_text(utterances: list[Utterance], params: Params, device: torch.device)
     from pipeline.encoders import load_text_encoder
 
     settings = params.text
-    tokenizer, model, _ = load_text_encoder(settings.model, device)
+    tokenizer, model, _ = load_text_encoder(settings.model, device, settings.revision)
     texts = sorted((u.text for u in utterances if u.text.strip()), key=len)
     max_length = min(settings.max_length, tokenizer.model_max_length)
     dtype = autocast_dtype(settings.cuda_dtype, device)
@@ -265,12 +282,21 @@ def bare_text(utterances: list[Utterance], params: Params, device: torch.device)
         t0 = time.perf_counter()
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             for s in range(0, len(texts), settings.batch_size):
-                batch = tokenizer(texts[s:s + settings.batch_size], padding=True, truncation=True,
-                                  max_length=max_length, return_tensors="pt").to(device)
+                batch = tokenizer(
+                    texts[s : s + settings.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                ).to(device)
                 model(**batch).last_hidden_state.mean(1).float().cpu()
         sync(device)
-        return {"seconds": time.perf_counter() - t0, "inputs": len(texts),
-                "batches": -(-len(texts) // settings.batch_size)}
+        return {
+            "seconds": time.perf_counter() - t0,
+            "inputs": len(texts),
+            "batches": -(-len(texts) // settings.batch_size),
+        }
+
     return timed
 
 
@@ -285,9 +311,11 @@ def bare_audio(utterances: list[Utterance], params: Params, device: torch.device
     settings = params.audio
     extractor, model, _ = load_audio_backend(settings, device)
     batch_size = 1 if getattr(model.config, "feat_extract_norm", "layer") == "group" else settings.batch_size
-    min_samples = extract_audio.min_input_samples(model)
-    decode = decoded_once(lambda u: (u.audio_source, u.start, u.end),
-                          lambda u: load_audio(u.audio_source, settings.sample_rate, settings.max_seconds, u.start, u.end))
+    min_samples = audio_features.min_input_samples(model)
+    decode = decoded_once(
+        lambda u: (u.audio_source, u.start, u.end),
+        lambda u: load_audio(u.audio_source, settings.sample_rate, settings.max_seconds, u.start, u.end),
+    )
     chunk = int(settings.chunk_seconds * settings.sample_rate)
     waves = [w for u in utterances if u.audio_source and (w := decode(u)) is not None and w.numel() >= min_samples]
     chunks = [c.numpy() for w in waves for c in w.split(chunk)]
@@ -298,13 +326,24 @@ def bare_audio(utterances: list[Utterance], params: Params, device: torch.device
         t0 = time.perf_counter()
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             for s in range(0, len(chunks), batch_size):
-                inputs = extractor(chunks[s:s + batch_size], sampling_rate=settings.sample_rate, padding=True,
-                                   return_attention_mask=True, return_tensors="pt")
-                model(inputs["input_values"].to(device), attention_mask=inputs["attention_mask"].to(device)
-                      ).last_hidden_state.mean(1).float().cpu()
+                inputs = extractor(
+                    chunks[s : s + batch_size],
+                    sampling_rate=settings.sample_rate,
+                    padding=True,
+                    return_attention_mask=True,
+                    return_tensors="pt",
+                )
+                model(
+                    inputs["input_values"].to(device), attention_mask=inputs["attention_mask"].to(device)
+                ).last_hidden_state.mean(1).float().cpu()
         sync(device)
-        return {"seconds": time.perf_counter() - t0, "inputs": len(waves), "batches": -(-len(chunks) // batch_size),
-                "audio_seconds": round(sum(w.numel() for w in waves) / settings.sample_rate, 1)}
+        return {
+            "seconds": time.perf_counter() - t0,
+            "inputs": len(waves),
+            "batches": -(-len(chunks) // batch_size),
+            "audio_seconds": round(sum(w.numel() for w in waves) / settings.sample_rate, 1),
+        }
+
     return timed
 
 
@@ -318,8 +357,10 @@ def bare_visual(utterances: list[Utterance], params: Params, device: torch.devic
 
     settings = params.visual
     mtcnn, embedder, _ = load_face_models(settings.face_weights, settings.min_face_prob, device)
-    decode = decoded_once(lambda u: (u.clip, u.start, u.end),
-                          lambda u: sample_frames(u.clip, settings.fps, settings.max_frames, u.start, u.end))
+    decode = decoded_once(
+        lambda u: (u.clip, u.start, u.end),
+        lambda u: sample_frames(u.clip, settings.fps, settings.max_frames, u.start, u.end),
+    )
     clips = [f for u in utterances if u.clip and (f := decode(u)) is not None]
     step = settings.batch_frames
 
@@ -327,8 +368,8 @@ def bare_visual(utterances: list[Utterance], params: Params, device: torch.devic
         """Detection in batches of ``step`` frames; per frame the first (largest) confident box."""
         keep_frames, keep_boxes = [], []
         for s in range(0, len(clip), step):
-            boxes, probs = mtcnn.detect(clip[s:s + step])
-            for frame, b, p in zip(clip[s:s + step], boxes, probs):
+            boxes, probs = mtcnn.detect(clip[s : s + step])
+            for frame, b, p in zip(clip[s : s + step], boxes, probs):
                 good = [k for k in range(len(p)) if p[k] is not None and p[k] >= settings.min_face_prob]
                 if b is not None and good:
                     keep_frames.append(frame)
@@ -347,16 +388,23 @@ def bare_visual(utterances: list[Utterance], params: Params, device: torch.devic
                 if keep_frames:
                     crops = torch.cat(list(crops))
                     for s in range(0, len(crops), step):
-                        embedder(crops[s:s + step].to(device)).float().cpu()
+                        embedder(crops[s : s + step].to(device)).float().cpu()
                 sync(device)
                 detect_s += t1 - t0
                 embed_s += time.perf_counter() - t1
                 frames += len(clip)
                 tracked += len(keep_frames)
-        return {"seconds": detect_s + embed_s, "inputs": len(clips), "frames": frames, "frames_tracked": tracked,
-                "detect_seconds": detect_s, "embed_seconds": embed_s,
-                "detect_frames_per_second": frames / detect_s if detect_s else None,
-                "embed_frames_per_second": tracked / embed_s if embed_s else None}
+        return {
+            "seconds": detect_s + embed_s,
+            "inputs": len(clips),
+            "frames": frames,
+            "frames_tracked": tracked,
+            "detect_seconds": detect_s,
+            "embed_seconds": embed_s,
+            "detect_frames_per_second": frames / detect_s if detect_s else None,
+            "embed_frames_per_second": tracked / embed_s if embed_s else None,
+        }
+
     return timed
 
 
@@ -418,27 +466,50 @@ def measure_stage(stage: str, params: Params, n: int, repeat: bool, warmup: int,
     ratios = [b["seconds"] / (p["seconds"] - p["load_seconds"]) for p, b in zip(pipe_runs, bare_runs)]
     report = pipe.pop("report")
     out = {
-        "stage": stage, "device": str(device), "utterances": n, "rounds": rounds, "encoder": report["encoder"],
-        "pipeline": {**pipe, "utterances_per_second": rate, "utterances_per_second_excluding_load": rate_no_load,
-                     "reasons": report["reasons"], "seconds_rounds": [round(x["seconds"], 3) for x in pipe_runs]},
-        "bare": {**bare, "utterances_per_second": bare_rate,
-                 "seconds_rounds": [round(x["seconds"], 3) for x in bare_runs]},
+        "stage": stage,
+        "device": str(device),
+        "utterances": n,
+        "rounds": rounds,
+        "encoder": report["encoder"],
+        "pipeline": {
+            **pipe,
+            "utterances_per_second": rate,
+            "utterances_per_second_excluding_load": rate_no_load,
+            "reasons": report["reasons"],
+            "seconds_rounds": [round(x["seconds"], 3) for x in pipe_runs],
+        },
+        "bare": {
+            **bare,
+            "utterances_per_second": bare_rate,
+            "seconds_rounds": [round(x["seconds"], 3) for x in bare_runs],
+        },
         "ratio": statistics.median(b["seconds"] / p["seconds"] for p, b in zip(pipe_runs, bare_runs)),
         "ratio_excluding_load": statistics.median(ratios),
         "ratio_excluding_load_rounds": [round(x, 3) for x in ratios],
-        "ratio_best_of_each": rate / bare_rate, "ratio_excluding_load_best_of_each": rate_no_load / bare_rate,
+        "ratio_best_of_each": rate / bare_rate,
+        "ratio_excluding_load_best_of_each": rate_no_load / bare_rate,
         "peak_rss_mb": {"after_imports": rss_start, "pipeline": rss_pipeline, "with_bare_loop": peak_rss_mb()},
         "cuda_max_allocated_mb": {"pipeline": pipe_cuda, "bare": bare_cuda},
     }
+    run_facts = report["run"]  # timings and counts of the run: returned and logged, not in the report file
     if stage == "visual":
         work = pipe["seconds"] - pipe["load_seconds"]
-        out["visual"] = {k: report.get(k) for k in ("frames", "frames_tracked", "decode_seconds", "detect_seconds",
-                                                    "embed_seconds", "detect_frames_per_second",
-                                                    "embed_frames_per_second")}
-        out["visual"]["decode_share"] = report["decode_seconds"] / work
-        out["visual"]["decode_share_of_wall"] = report["decode_seconds"] / pipe["seconds"]
+        out["visual"] = {
+            k: run_facts.get(k)
+            for k in (
+                "frames",
+                "frames_tracked",
+                "decode_seconds",
+                "detect_seconds",
+                "embed_seconds",
+                "detect_frames_per_second",
+                "embed_frames_per_second",
+            )
+        }
+        out["visual"]["decode_share"] = run_facts["decode_seconds"] / work
+        out["visual"]["decode_share_of_wall"] = run_facts["decode_seconds"] / pipe["seconds"]
     if stage == "audio":
-        out["audio_seconds_decoded"] = report.get("audio_seconds_decoded")
+        out["audio_seconds_decoded"] = run_facts.get("audio_seconds_decoded")
     return out
 
 
@@ -466,7 +537,9 @@ def run_json_child(script: Path, argv: list[str], label: str) -> dict:
         out = Path(f.name)
     print(f"[{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
     try:
-        subprocess.run([sys.executable, str(Path(script).resolve()), *argv, "--child-out", str(out)], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, str(Path(script).resolve()), *argv, "--child-out", str(out)], check=True, cwd=REPO
+        )
         return json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)
@@ -474,12 +547,24 @@ def run_json_child(script: Path, argv: list[str], label: str) -> dict:
 
 def run_child(args: argparse.Namespace, stage: str, n: int, audio_config: str | None) -> dict:
     """Run ``--only stage`` in a fresh interpreter (per-stage peak RSS) and read back its figures."""
-    argv = ["--only", stage, "--params", str(args.params), "--utterances", str(n), "--warmup", str(args.warmup),
-            "--rounds", str(args.rounds), "--repeat-dialogues" if args.repeat_dialogues else "--no-repeat-dialogues"]
+    argv = [
+        "--only",
+        stage,
+        "--params",
+        str(args.params),
+        "--utterances",
+        str(n),
+        "--warmup",
+        str(args.warmup),
+        "--rounds",
+        str(args.rounds),
+        "--repeat-dialogues" if args.repeat_dialogues else "--no-repeat-dialogues",
+    ]
     if audio_config:
         argv += ["--audio-config", audio_config]
-    return run_json_child(Path(__file__), argv,
-                          f"{stage}{' (' + audio_config + ')' if audio_config else ''}: {n} utterances")
+    return run_json_child(
+        Path(__file__), argv, f"{stage}{' (' + audio_config + ')' if audio_config else ''}: {n} utterances"
+    )
 
 
 def load_average() -> str:
@@ -490,8 +575,13 @@ def load_average() -> str:
 
 
 def machine() -> dict:
-    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    info = {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -503,31 +593,38 @@ def verdict(ok: bool) -> str:
 
 def print_table(results: list[dict]) -> None:
     """The compact Markdown table, then visual's detail and where the pipeline's time goes."""
-    print("| stage | encoder | N | pipeline s (load s) | pipeline utt/s | excl. load utt/s | bare utt/s "
-          "| ratio excl. load: median (rounds) | best / best | target | peak RSS MB |")
+    print(
+        "| stage | encoder | N | pipeline s (load s) | pipeline utt/s | excl. load utt/s | bare utt/s "
+        "| ratio excl. load: median (rounds) | best / best | target | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p, b = r["pipeline"], r["bare"]
         name = r["stage"] + (f" ({r['audio_config']})" if r.get("audio_config") else "")
         if r["stage"] == "visual":
-            target = f"decode {100 * r['visual']['decode_share']:.0f}% <= 33%: {verdict(r['visual']['decode_share'] <= MAX_DECODE_SHARE)}"
+            share = r["visual"]["decode_share"]
+            target = f"decode {100 * share:.0f}% <= 33%: {verdict(share <= MAX_DECODE_SHARE)}"
         else:
             target = f">= {TARGET_RATIO}: {verdict(r['ratio_excluding_load'] >= TARGET_RATIO)}"
         gpu = r["cuda_max_allocated_mb"]["pipeline"]
         rss = f"{r['peak_rss_mb']['pipeline']:.0f}" + (f" (GPU {gpu:.0f})" if gpu is not None else "")
-        print(f"| {name} | {encoder_name(r)} | {r['utterances']} | {p['seconds']:.1f} ({p['load_seconds']:.1f}) "
-              f"| {p['utterances_per_second']:.1f} | {p['utterances_per_second_excluding_load']:.1f} "
-              f"| {b['utterances_per_second']:.1f} | {r['ratio_excluding_load']:.2f} "
-              f"({' '.join(f'{x:.2f}' for x in r['ratio_excluding_load_rounds'])}) "
-              f"| {r['ratio_excluding_load_best_of_each']:.2f} | {target} | {rss} |")
+        print(
+            f"| {name} | {encoder_name(r)} | {r['utterances']} | {p['seconds']:.1f} ({p['load_seconds']:.1f}) "
+            f"| {p['utterances_per_second']:.1f} | {p['utterances_per_second_excluding_load']:.1f} "
+            f"| {b['utterances_per_second']:.1f} | {r['ratio_excluding_load']:.2f} "
+            f"({' '.join(f'{x:.2f}' for x in r['ratio_excluding_load_rounds'])}) "
+            f"| {r['ratio_excluding_load_best_of_each']:.2f} | {target} | {rss} |"
+        )
     for r in results:
         if r["stage"] == "visual":
             v, b = r["visual"], r["bare"]
-            print(f"\nvisual: {v['frames']} frames ({v['frames_tracked']} with a tracked face); pipeline decode "
-                  f"{v['decode_seconds']:.1f} s = {100 * v['decode_share']:.0f}% of the stage excluding load "
-                  f"({100 * v['decode_share_of_wall']:.0f}% of its wall time); detect {v['detect_frames_per_second']} "
-                  f"frames/s, embed {v['embed_frames_per_second']} frames/s (bare loop: detect "
-                  f"{b['detect_frames_per_second']:.1f}, embed {b['embed_frames_per_second']:.1f} frames/s)")
+            print(
+                f"\nvisual: {v['frames']} frames ({v['frames_tracked']} with a tracked face); pipeline decode "
+                f"{v['decode_seconds']:.1f} s = {100 * v['decode_share']:.0f}% of the stage excluding load "
+                f"({100 * v['decode_share_of_wall']:.0f}% of its wall time); detect {v['detect_frames_per_second']} "
+                f"frames/s, embed {v['embed_frames_per_second']} frames/s (bare loop: detect "
+                f"{b['detect_frames_per_second']:.1f}, embed {b['embed_frames_per_second']:.1f} frames/s)"
+            )
     print("\nwhere the pipeline's wall time goes (exclusive seconds per call site):")
     for r in results:
         name = r["stage"] + (f" ({r['audio_config']})" if r.get("audio_config") else "")
@@ -545,28 +642,39 @@ def encoder_name(r: dict) -> str:
 def parent_main(args: argparse.Namespace) -> None:
     """Run each stage in its own process, print the table, write JSON when asked."""
     start = time.perf_counter()
-    header = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_before": load_average(),
-              "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_before": load_average(),
+        "machine": machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     results = []
     for stage in args.stages:
         n = args.visual_utterances if stage == "visual" and args.visual_utterances else args.utterances
-        for config in (args.audio_config if stage == "audio" else [None]):
+        for config in args.audio_config if stage == "audio" else [None]:
             results.append(run_child(args, stage, n, config))
     header["load_average_after"] = load_average()
     header["total_seconds"] = round(time.perf_counter() - start, 1)
     m = header["machine"]
-    print(f"\n{header['date']}; {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"device {results[0]['device'] if results else '?'}{', ' + m['gpu'] if m.get('gpu') else ''}; load average "
-          f"{header['load_average_before']} before, {header['load_average_after']} after; {header['total_seconds']} s\n")
+    print(
+        f"\n{header['date']}; {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"device {results[0]['device'] if results else '?'}{', ' + m['gpu'] if m.get('gpu') else ''}; load average "
+        f"{header['load_average_before']} before, {header['load_average_after']} after; "
+        f"{header['total_seconds']} s\n"
+    )
     print_table(results)
     if any(not r["encoder"].get("pretrained", True) for r in results):
-        print("\nnote: encoders marked random are RANDOMLY INITIALISED (no weights offline): the speed is that of "
-              "the architecture; the demo's tiny wav2vec2 is far cheaper than wav2vec2-base (--audio-config base).")
-    print("ratio = pipeline utt/s / bare-loop utt/s on the same utterances; the pipeline figure includes "
-          "decoding, the cache and writing the features, the bare loop only the model calls on pre-decoded "
-          "inputs. 'excl. load' subtracts the loader call timed inside the pipeline run; the target uses the "
-          "median over rounds of each round's ratio (pipeline run, then bare loop); 'best / best' divides the "
-          "best round of each side. Throughputs are the best round of each side.")
+        print(
+            "\nnote: encoders marked random are RANDOMLY INITIALISED (no weights offline): the speed is that of "
+            "the architecture; the demo's tiny wav2vec2 is far cheaper than wav2vec2-base (--audio-config base)."
+        )
+    print(
+        "ratio = pipeline utt/s / bare-loop utt/s on the same utterances; the pipeline figure includes "
+        "decoding, the cache and writing the features, the bare loop only the model calls on pre-decoded "
+        "inputs. 'excl. load' subtracts the loader call timed inside the pipeline run; the target uses the "
+        "median over rounds of each round's ratio (pipeline run, then bare loop); 'best / best' divides the "
+        "best round of each side. Throughputs are the best round of each side."
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**header, "stages": results}, indent=2, default=str) + "\n")
@@ -579,14 +687,34 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=500, help="N utterances per stage (default 500)")
     parser.add_argument("--visual-utterances", type=int, default=None, help="N for the visual stage only")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    parser.add_argument("--audio-config", nargs="+", choices=("demo", "base"), default=["demo"],
-                        help="audio encoder: the params file's (demo, default) and/or a random wav2vec2 of "
-                             "wav2vec2-base's size (base: about 0.3 s per utterance per side on 2 CPU cores, 5 min for 500)")
-    parser.add_argument("--repeat-dialogues", action=argparse.BooleanOptionalAction, default=True,
-                        help="repeat the dataset's dialogues (new ids, same files) to reach N (default on)")
+    parser.add_argument(
+        "--audio-config",
+        nargs="+",
+        choices=("demo", "base"),
+        default=["demo"],
+        help="audio encoder: the params file's (demo, default) and/or a random wav2vec2 of "
+        "wav2vec2-base's size (base: about 0.3 s per utterance per side on 2 CPU cores, "
+        "5 min for 500)",
+    )
+    parser.add_argument(
+        "--repeat-dialogues",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="repeat the dataset's dialogues (new ids, same files) to reach N (default on)",
+    )
     parser.add_argument("--warmup", type=int, default=8, help="untimed warm-up run on this many utterances (0: none)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="alternate pipeline and bare loop this many times; report the best of each (default 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate pipeline and bare loop this many times; report the best of each (default 1)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available (the pipeline's own choice); cpu: hide the GPUs; cuda: fail without one",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--only", choices=STAGES, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -597,6 +725,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DGLBACKEND", "pytorch")
     os.chdir(REPO)  # params paths (data.root, clips) are relative to the repository root
+    if args.device == "cpu":  # before any CUDA call; the child processes inherit it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     if args.only:
         child_main(args)
     else:

@@ -31,8 +31,13 @@ from pipeline import build_graphs, extract_audio, extract_text, extract_visual, 
 from pipeline.config import load_params, parse_params  # noqa: E402
 from pipeline.data import load_dialogues  # noqa: E402
 from pipeline.evaluate import classification_metrics  # noqa: E402
-from pipeline.prepare import load_labels  # noqa: E402
-from pipeline.train import build_model, predict, train  # noqa: E402
+from pipeline.graphs import load_graphs  # noqa: E402
+from pipeline.inference import build_model, run_model  # noqa: E402
+from pipeline.train import train  # noqa: E402
+from pipeline.utterances import LABELS_FILE, UTTERANCES_FILE, load_labels, load_utterances  # noqa: E402
+
+# Stage outputs inside --work, laid out as dvc.yaml's vars lay them out in the repository.
+PREPARED, FEATURES, GRAPHS = Path("data/prepared"), Path("data/features"), Path("data/graphs")
 
 # name -> params overrides (dotted keys). The first is the full model with the defaults of params.yaml.
 CONFIGS = {
@@ -58,13 +63,18 @@ def prepare_features(raw: dict, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     params = parse_params(raw)
-    steps = [("data/prepared/utterances.csv", prepare.run), ("data/features/text.safetensors", extract_text.run),
-             ("data/features/audio.safetensors", extract_audio.run),
-             ("data/features/visual.safetensors", extract_visual.run), ("data/graphs/graphs.safetensors", build_graphs.run)]
-    for output, stage in steps:
-        if not Path(output).exists():
+    table = {"utterances": PREPARED / UTTERANCES_FILE}
+    steps = [
+        (PREPARED / UTTERANCES_FILE, prepare.run, {"out": PREPARED}),
+        (FEATURES / "text.safetensors", extract_text.run, {**table, "out": FEATURES}),
+        (FEATURES / "audio.safetensors", extract_audio.run, {**table, "out": FEATURES}),
+        (FEATURES / "visual.safetensors", extract_visual.run, {**table, "out": FEATURES}),
+        (GRAPHS / "graphs.safetensors", build_graphs.run, {**table, "out": GRAPHS}),
+    ]
+    for output, stage, paths in steps:
+        if not output.exists():
             start = time.perf_counter()
-            stage(params)
+            stage(params, **paths)
             print(f"{stage.__module__}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -74,8 +84,10 @@ def logistic_regression(splits) -> dict:
     from sklearn.metrics import f1_score
 
     def xy(split):
-        return (torch.cat([d.features["text"] for d in splits[split]]).numpy(),
-                torch.cat([d.emotion for d in splits[split]]).numpy())
+        return (
+            torch.cat([d.features["text"] for d in splits[split]]).numpy(),
+            torch.cat([d.emotion for d in splits[split]]).numpy(),
+        )
 
     (x_train, y_train), (x_dev, y_dev), (x_test, y_test) = xy("train"), xy("dev"), xy("test")
     best = None
@@ -85,9 +97,12 @@ def logistic_regression(splits) -> dict:
         if best is None or f1 > best[0]:
             best = (f1, c, clf)
     pred = best[2].predict(x_test)
-    return {"C": best[1], "dev_weighted_f1": best[0],
-            "test_weighted_f1": float(f1_score(y_test, pred, average="weighted")),
-            "test_accuracy": float((pred == y_test).mean())}
+    return {
+        "C": best[1],
+        "dev_weighted_f1": best[0],
+        "test_weighted_f1": float(f1_score(y_test, pred, average="weighted")),
+        "test_accuracy": float((pred == y_test).mean()),
+    }
 
 
 def main() -> None:
@@ -104,18 +119,30 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     base = load_params(REPO / "params.yaml").model_dump(mode="json")
-    base = with_overrides(base, {"data.root": str(args.meld.resolve()), "data.missing_clip": "text_only",
-                                 "train.epochs": args.epochs, "train.patience": args.patience})
+    base = with_overrides(
+        base,
+        {
+            "data.root": str(args.meld.resolve()),
+            "data.missing_clip": "text_only",
+            "train.epochs": args.epochs,
+            "train.patience": args.patience,
+        },
+    )
     args.out = args.out.resolve()
     prepare_features(base, args.work.resolve())
-    params = parse_params(base)
-    labels = load_labels()
-    splits, encoders = load_dialogues(labels["emotions"], labels["sentiments"])
-    _, num_relations = build_graphs.load_graphs()
+    labels = load_labels(PREPARED / LABELS_FILE)
+    graphs, num_relations = load_graphs(GRAPHS)
+    splits, encoders = load_dialogues(
+        labels["emotions"], labels["sentiments"], load_utterances(PREPARED / UTTERANCES_FILE), FEATURES, graphs
+    )
     print({s: (len(d), sum(len(x) for x in d)) for s, d in splits.items()}, encoders["text"]["model"], flush=True)
 
-    results = {"baseline_logistic_regression": logistic_regression(splits), "configs": {},
-               "features": encoders["text"], "seeds": args.seeds}
+    results = {
+        "baseline_logistic_regression": logistic_regression(splits),
+        "configs": {},
+        "features": encoders["text"],
+        "seeds": args.seeds,
+    }
     print("logistic regression:", results["baseline_logistic_regression"], flush=True)
     for name in args.configs:
         runs = []
@@ -124,15 +151,26 @@ def main() -> None:
             start = time.perf_counter()
             checkpoint = train(p, splits, num_relations, labels)
             seconds = time.perf_counter() - start
-            out = predict(build_model(checkpoint), splits["test"], p, torch.device("cpu"))
-            metrics = classification_metrics(out["emotion"].numpy(), out["emotion_prob"].argmax(-1).numpy(),
-                                             p.data.emotions)
-            runs.append({"seed": seed, "test_weighted_f1": metrics["weighted_f1"], "test_accuracy": metrics["accuracy"],
-                         "dev_weighted_f1": checkpoint["best_dev_weighted_f1"], "best_epoch": checkpoint["best_epoch"],
-                         "epochs_run": checkpoint["epochs_run"], "seconds_per_epoch": seconds / checkpoint["epochs_run"]})
+            out = run_model(build_model(checkpoint), splits["test"], p, torch.device("cpu"))
+            metrics = classification_metrics(
+                out["emotion"].numpy(), out["emotion_prob"].argmax(-1).numpy(), labels["emotions"]
+            )  # the classes prepare wrote, in output order
+            runs.append(
+                {
+                    "seed": seed,
+                    "test_weighted_f1": metrics["weighted_f1"],
+                    "test_accuracy": metrics["accuracy"],
+                    "dev_weighted_f1": checkpoint["best_dev_weighted_f1"],
+                    "best_epoch": checkpoint["best_epoch"],
+                    "epochs_run": checkpoint["epochs_run"],
+                    "seconds_per_epoch": seconds / checkpoint["epochs_run"],
+                }
+            )
             print(name, runs[-1], flush=True)
-        summary = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                   for k in ("test_weighted_f1", "test_accuracy", "dev_weighted_f1", "seconds_per_epoch")}
+        summary = {
+            k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+            for k in ("test_weighted_f1", "test_accuracy", "dev_weighted_f1", "seconds_per_epoch")
+        }
         results["configs"][name] = {"overrides": CONFIGS[name], "runs": runs, "mean_std": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
@@ -140,14 +178,19 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2))
 
     lr = results["baseline_logistic_regression"]
-    print(f"\n| model | test weighted F1 | test accuracy | dev weighted F1 | s/epoch |\n|---|---|---|---|---|")
-    print(f"| logistic regression (context-free, C={lr['C']}) | {100 * lr['test_weighted_f1']:.2f} | "
-          f"{100 * lr['test_accuracy']:.2f} | {100 * lr['dev_weighted_f1']:.2f} | - |")
+    print("\n| model | test weighted F1 | test accuracy | dev weighted F1 | s/epoch |\n|---|---|---|---|---|")
+    print(
+        f"| logistic regression (context-free, C={lr['C']}) | {100 * lr['test_weighted_f1']:.2f} | "
+        f"{100 * lr['test_accuracy']:.2f} | {100 * lr['dev_weighted_f1']:.2f} | - |"
+    )
     for name, r in results["configs"].items():
         m = r["mean_std"]
-        print(f"| {name} | {100 * m['test_weighted_f1'][0]:.2f} ± {100 * m['test_weighted_f1'][1]:.2f} | "
-              f"{100 * m['test_accuracy'][0]:.2f} ± {100 * m['test_accuracy'][1]:.2f} | "
-              f"{100 * m['dev_weighted_f1'][0]:.2f} ± {100 * m['dev_weighted_f1'][1]:.2f} | {m['seconds_per_epoch'][0]:.1f} |")
+        print(
+            f"| {name} | {100 * m['test_weighted_f1'][0]:.2f} ± {100 * m['test_weighted_f1'][1]:.2f} | "
+            f"{100 * m['test_accuracy'][0]:.2f} ± {100 * m['test_accuracy'][1]:.2f} | "
+            f"{100 * m['dev_weighted_f1'][0]:.2f} ± {100 * m['dev_weighted_f1'][1]:.2f} "
+            f"| {m['seconds_per_epoch'][0]:.1f} |"
+        )
     print(f"\npeak RSS {results['peak_rss_mb']:.0f} MB; seeds {args.seeds}")
 
 

@@ -9,7 +9,7 @@ Numbers written as strings are accepted as numbers, because ``dvc exp run -S tra
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +31,11 @@ class _Section(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None, float | None):
+                if (
+                    isinstance(value, bool)
+                    and field is not None
+                    and field.annotation in (int, float, int | None, float | None)
+                ):
                     raise ValueError(f"{key}: expected a number, got {value!r}")
         return data
 
@@ -87,6 +91,10 @@ class TextParams(_Section):
 
     # Hugging Face id, a local directory, or ``package:<module>/<dir>`` for a model a pip package ships.
     model: str = "roberta-base"
+    # Hub revision (branch, tag or commit) passed to every from_pretrained; pin a commit for
+    # reproducible runs. The commit it resolved to is recorded in the report and the metrics.
+    # Ignored for local directories and package: models (their files are hashed instead).
+    revision: str = "main"
     pooling: Literal["cls", "mean"] = "mean"
     # Layer selection: 1 = the last hidden layer; k > 1 = the mean of the last k layers.
     last_k_layers: int = Field(1, ge=1)
@@ -97,6 +105,8 @@ class TextParams(_Section):
     batch_size: int = Field(32, ge=1)
     # autocast dtype on CUDA (ignored on the CPU, which always runs float32).
     cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # The stage fails when more than this share of utterances has no usable text (empty transcripts).
+    max_masked_share: float = Field(0.5, ge=0, le=1)
 
 
 class AudioParams(_Section):
@@ -106,6 +116,7 @@ class AudioParams(_Section):
     # frames; ``opensmile``: openSMILE functionals (``opensmile_set``), no model download.
     backend: Literal["wav2vec2", "opensmile"] = "wav2vec2"
     model: str = "facebook/wav2vec2-base"
+    revision: str = "main"  # Hub revision of audio.model (see text.revision)
     # When set, build a randomly initialised wav2vec2 with this config instead of loading weights
     # (offline demos and tests). Logged loudly and recorded in the stage report and metrics.
     random_init: dict[str, Any] | None = None
@@ -118,6 +129,9 @@ class AudioParams(_Section):
     max_seconds: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # The stage fails when more than this share of the utterances of data that has audio lost it
+    # (missing, corrupt, truncated, silent clips): a broken decoder or a wrong folder, not bad clips.
+    max_masked_share: float = Field(0.5, ge=0, le=1)
 
 
 class VisualParams(_Section):
@@ -125,6 +139,9 @@ class VisualParams(_Section):
 
     fps: float = Field(2.0, gt=0)
     max_frames: int = Field(8, ge=1)
+    # Frames are downscaled to at most this many pixels on their longer side as they are decoded, before
+    # face detection, on every device: memory and detection time stay bounded whatever the resolution.
+    max_frame_side: int = Field(1280, ge=160)
     # ``vggface2`` / ``casia-webface``: facenet-pytorch's download; a path: a local state dict;
     # ``random``: random initialisation (logged loudly and recorded in the report and metrics).
     face_weights: str = "vggface2"
@@ -133,6 +150,8 @@ class VisualParams(_Section):
     # starts the track; the other frames follow it (nearest face to the previous one).
     face_select: Literal["largest", "confident", "central"] = "largest"
     batch_frames: int = Field(16, ge=1)
+    # As audio.max_masked_share, for video (no face counts as lost; an audio-only file does not).
+    max_masked_share: float = Field(0.5, ge=0, le=1)
 
 
 class GraphParams(_Section):
@@ -155,9 +174,13 @@ class ModelParams(_Section):
     graph: Literal["none", "gcn", "adaptive"] = "adaptive"
     num_bases: int = Field(4, ge=1)
     dropout: float = Field(0.3, ge=0, lt=1)
+    # Kernels of the graph layers: DGL's (CPU-only in the PyPI build), plain torch scatter ops (any
+    # device), or auto = DGL where the installed DGL supports the device, torch otherwise. Both give
+    # the same parameters (state_dict) and outputs.
+    graph_backend: Literal["auto", "dgl", "torch"] = "auto"
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelParams":
+    def _heads_divide(self) -> ModelParams:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         return self
@@ -184,6 +207,9 @@ class TrainParams(_Section):
     batch_dialogues: int = Field(4, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
+    # Mixed precision for the training steps on CUDA (autocast; float16 adds a GradScaler). Ignored, with
+    # a log line, on the CPU, which always trains in float32. Dev scoring runs in float32.
+    amp: Literal["none", "bfloat16", "float16"] = "none"
 
 
 class Params(_Section):
@@ -239,30 +265,3 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, str(path))
-
-
-def run_stage(stage: Callable[[Params], None], description: str, argv: list[str] | None = None) -> None:
-    """Command-line entry of a stage: ``--params``, logging, and clean errors.
-
-    Known input errors (bad params, a malformed dataset, a missing upstream file or model, stale
-    features) are printed as one ``error:`` line naming the file and what to do, with exit status 1,
-    not as a traceback.
-    """
-    import argparse
-    import logging
-    import sys
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    import time
-
-    start = time.perf_counter()
-    try:
-        stage(load_params(args.params))
-        logging.getLogger(stage.__module__).info("stage finished in %.1f s", time.perf_counter() - start)
-    except (ParamsError, OSError, ValueError) as err:  # OSError: missing files, unknown model ids
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None

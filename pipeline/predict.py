@@ -13,8 +13,8 @@ Input:
   (``--asr-model``, Whisper by default) and the outputs say so (``text_source: asr``);
 * a trained run: ``--checkpoint`` (``models/model.pt``) and ``--params`` (its ``params.yaml``).
 
-The features are made by the extraction stages' own code (:func:`pipeline.extract_text.extract` etc.)
-into a work folder (resumable), the dialogue graphs by :func:`pipeline.build_graphs.build_dialogue_graph`.
+The features are made by the extraction stages' own code (:func:`pipeline.text_features.extract` etc.)
+into a work folder (resumable), the dialogue graphs by :func:`pipeline.graphs.build_dialogue_graph`.
 The command refuses a checkpoint whose feature settings (``text.*``, ``audio.*``, ``visual.*``,
 ``graph.*``, as recorded at training time) differ from the params given.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import logging
 import re
 import sys
@@ -40,15 +39,22 @@ from pathlib import Path
 
 import torch
 
+from pipeline import audio_features, text_features, visual_features
+from pipeline.atomic import atomic_path, write_json
+from pipeline.cli import setup_logging
 from pipeline.config import DEFAULT_PARAMS, Params, ParamsError, load_params
-from pipeline.datasets import DatasetError, Utterance, read_manifest
+from pipeline.data import MODALITIES, batches, load_dialogues
+from pipeline.datasets import DatasetError, read_manifest
 from pipeline.encoders import default_device, resolve_model_path
-from pipeline.features import CACHE_DIR, RUNTIME_ONLY, atomic_path, feature_path, load_table, write_json
+from pipeline.extraction_cache import CACHE_DIR, RUNTIME_ONLY
+from pipeline.feature_table import feature_path, load_table
+from pipeline.graphs import build_dialogue_graph
+from pipeline.inference import build_model, load_checkpoint
 from pipeline.media import MediaError, load_audio
+from pipeline.utterances import Utterance
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("text", "audio", "visual")
 MEDIA_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".wav", ".flac", ".mp3", ".m4a", ".ogg"}
 DEFAULT_ASR = "openai/whisper-small"
 MELD_NAME = re.compile(r"^dia(\d+)_utt(\d+)$")
@@ -63,8 +69,10 @@ def check_feature_params(checkpoint: dict, params: Params, checkpoint_path: Path
     """
     recorded = checkpoint.get("feature_params")
     if not recorded or any(recorded.get(s) is None for s in (*MODALITIES, "graph")):
-        raise ValueError(f"{checkpoint_path}: the checkpoint does not record its feature settings "
-                         "(trained by an older version); retrain it (`dvc repro train`)")
+        raise ValueError(
+            f"{checkpoint_path}: the checkpoint does not record its feature settings "
+            "(trained by an older version); retrain it (`dvc repro train`)"
+        )
     diffs = []
     for section in (*MODALITIES, "graph"):
         given = getattr(params, section).model_dump(mode="json")
@@ -72,9 +80,12 @@ def check_feature_params(checkpoint: dict, params: Params, checkpoint_path: Path
             if key not in RUNTIME_ONLY and recorded[section].get(key) != given.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {recorded[section].get(key)!r}, params {given.get(key)!r}")
     if diffs:
-        raise ValueError(f"{checkpoint_path} was trained on features made with other settings than the params "
-                         "given:\n  " + "\n  ".join(diffs) +
-                         "\nPass the params.yaml of the run that trained it (--params), or retrain.")
+        raise ValueError(
+            f"{checkpoint_path} was trained on features made with other settings than the params "
+            "given:\n  "
+            + "\n  ".join(diffs)
+            + "\nPass the params.yaml of the run that trained it (--params), or retrain."
+        )
 
 
 def find_media(clips_dir: Path, stem: str) -> str:
@@ -111,8 +122,19 @@ def discover_clips(clips_dir: Path) -> list[Utterance]:
     utterances, position = [], {}
     for dialogue, index, uid, path in keyed:
         position[dialogue] = position.get(dialogue, -1) + 1
-        utterances.append(Utterance(uid, "test", dialogue, index if index is not None else position[dialogue],
-                                    "unknown", "", "", "", clip=path.as_posix()))
+        utterances.append(
+            Utterance(
+                uid,
+                "test",
+                dialogue,
+                index if index is not None else position[dialogue],
+                "unknown",
+                "",
+                "",
+                "",
+                clip=path.as_posix(),
+            )
+        )
     return utterances
 
 
@@ -132,7 +154,9 @@ def utterances_from_transcript(transcript: Path, clips_dir: Path, params: Params
         if not utt.clip and not utt.audio_clip:
             utt = dataclasses.replace(utt, clip=find_media(clips_dir, utt.utterance_id))
         utterances.append(dataclasses.replace(utt, split="test"))
-    return utterances, {"missing_clips": [m for r in dataset.split_reports.values() for m in r.get("missing_clips", [])]}
+    return utterances, {
+        "missing_clips": [m for r in dataset.split_reports.values() for m in r.get("missing_clips", [])]
+    }
 
 
 def transcribe(utterances: list[Utterance], asr_model: str, device: torch.device) -> tuple[list[Utterance], dict]:
@@ -178,24 +202,22 @@ def predict(utterances: list[Utterance], params: Params, checkpoint_path: Path, 
     Raises:
         FileNotFoundError: no checkpoint. ValueError: feature settings differ from the checkpoint's.
     """
-    from pipeline import extract_audio, extract_text, extract_visual
-    from pipeline.build_graphs import build_dialogue_graph
-    from pipeline.data import batches, load_dialogues
-    from pipeline.train import build_model, load_checkpoint
-
     checkpoint = load_checkpoint(checkpoint_path)
     check_feature_params(checkpoint, params, checkpoint_path)
     features_dir, cache_root = work_dir / "features", work_dir / "cache"
-    for stage in (extract_text, extract_audio, extract_visual):
-        stage.extract(utterances, params, features_dir, cache_root)
+    for features in (text_features, audio_features, visual_features):
+        features.extract(utterances, params, features_dir, cache_root)
     tables = {m: load_table(feature_path(m, features_dir)) for m in MODALITIES}
     status = {}
     for m, table in tables.items():
         for uid, reason in zip(table.utterance_ids, table.reasons):
             status.setdefault(uid, {})[m] = reason
     usable = [u for u in utterances if "ok" in status[u.utterance_id].values()]
-    skipped = [{"utterance_id": u.utterance_id, "reasons": status[u.utterance_id]}
-               for u in utterances if "ok" not in status[u.utterance_id].values()]
+    skipped = [
+        {"utterance_id": u.utterance_id, "reasons": status[u.utterance_id]}
+        for u in utterances
+        if "ok" not in status[u.utterance_id].values()
+    ]
     for s in skipped:
         log.warning("%s: no usable modality (%s); left out of the predictions", s["utterance_id"], s["reasons"])
     if not usable:
@@ -207,7 +229,7 @@ def predict(utterances: list[Utterance], params: Params, checkpoint_path: Path, 
     emotions, sentiments = checkpoint["emotions"], checkpoint["sentiments"]
     splits, encoders = load_dialogues(emotions, sentiments, usable, features_dir, graphs)
     device = default_device()
-    model = build_model(checkpoint).to(device).eval()
+    model = build_model(checkpoint, device).eval()
     probs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
         for batch in batches(splits["test"], params.train.batch_dialogues, shuffle=False):
@@ -217,36 +239,65 @@ def predict(utterances: list[Utterance], params: Params, checkpoint_path: Path, 
     rows = []
     for u in usable:
         e, s = probs[u.utterance_id]
-        rows.append({
-            "utterance_id": u.utterance_id, "dialogue_id": u.dialogue_id, "utterance_index": u.utterance_index,
-            "speaker": u.speaker, "text": u.text,
-            "emotion": emotions[int(e.argmax())], "emotion_prob": round(float(e.max()), 4),
-            "sentiment": sentiments[int(s.argmax())], "sentiment_prob": round(float(s.max()), 4),
-            "modalities": [m for m in MODALITIES if status[u.utterance_id][m] == "ok"],
-            "missing": {m: r for m, r in status[u.utterance_id].items() if r != "ok"},
-            "emotion_probs": {c: round(float(p), 4) for c, p in zip(emotions, e)},
-            "sentiment_probs": {c: round(float(p), 4) for c, p in zip(sentiments, s)},
-        })
-    return {"rows": rows, "skipped": skipped,
-            "encoders": {m: {"model": i.get("model"), "pretrained": bool(i.get("pretrained"))} for m, i in encoders.items()},
-            "labels": {"emotions": emotions, "sentiments": sentiments}}
+        rows.append(
+            {
+                "utterance_id": u.utterance_id,
+                "dialogue_id": u.dialogue_id,
+                "utterance_index": u.utterance_index,
+                "speaker": u.speaker,
+                "text": u.text,
+                "emotion": emotions[int(e.argmax())],
+                "emotion_prob": round(float(e.max()), 4),
+                "sentiment": sentiments[int(s.argmax())],
+                "sentiment_prob": round(float(s.max()), 4),
+                "modalities": [m for m in MODALITIES if status[u.utterance_id][m] == "ok"],
+                "missing": {m: r for m, r in status[u.utterance_id].items() if r != "ok"},
+                "emotion_probs": {c: round(float(p), 4) for c, p in zip(emotions, e)},
+                "sentiment_probs": {c: round(float(p), 4) for c, p in zip(sentiments, s)},
+            }
+        )
+    return {
+        "rows": rows,
+        "skipped": skipped,
+        "encoders": {
+            m: {"model": i.get("model"), "pretrained": bool(i.get("pretrained"))} for m, i in encoders.items()
+        },
+        "labels": {"emotions": emotions, "sentiments": sentiments},
+    }
 
 
 def write_outputs(result: dict, out_dir: Path, meta: dict) -> None:
     """Write ``predictions.csv`` (one row per utterance, probabilities as ``p_emotion_<class>`` columns)
     and ``predictions.json`` (everything, plus ``meta``), atomically."""
     emotions, sentiments = result["labels"]["emotions"], result["labels"]["sentiments"]
-    header = ["utterance_id", "dialogue_id", "utterance_index", "speaker", "text", "text_source", "emotion",
-              "emotion_prob", "sentiment", "sentiment_prob", *(f"{m}_present" for m in MODALITIES),
-              *(f"p_emotion_{c}" for c in emotions), *(f"p_sentiment_{c}" for c in sentiments)]
+    header = [
+        "utterance_id",
+        "dialogue_id",
+        "utterance_index",
+        "speaker",
+        "text",
+        "text_source",
+        "emotion",
+        "emotion_prob",
+        "sentiment",
+        "sentiment_prob",
+        *(f"{m}_present" for m in MODALITIES),
+        *(f"p_emotion_{c}" for c in emotions),
+        *(f"p_sentiment_{c}" for c in sentiments),
+    ]
     with atomic_path(out_dir / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, header)
         writer.writeheader()
         for r in result["rows"]:
-            writer.writerow({**{k: r[k] for k in header if k in r}, "text_source": r["text_source"],
-                             **{f"{m}_present": int(m in r["modalities"]) for m in MODALITIES},
-                             **{f"p_emotion_{c}": p for c, p in r["emotion_probs"].items()},
-                             **{f"p_sentiment_{c}": p for c, p in r["sentiment_probs"].items()}})
+            writer.writerow(
+                {
+                    **{k: r[k] for k in header if k in r},
+                    "text_source": r["text_source"],
+                    **{f"{m}_present": int(m in r["modalities"]) for m in MODALITIES},
+                    **{f"p_emotion_{c}": p for c, p in r["emotion_probs"].items()},
+                    **{f"p_sentiment_{c}": p for c, p in r["sentiment_probs"].items()},
+                }
+            )
     write_json({**meta, **result}, out_dir / "predictions.json")
 
 
@@ -256,13 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=Path, required=True, help="folder of media files")
     parser.add_argument("--transcript", type=Path, help="utterance manifest (CSV/JSONL); omit to transcribe with ASR")
     parser.add_argument("--checkpoint", type=Path, default=Path("models/model.pt"))
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="the params.yaml the checkpoint was trained with")
+    parser.add_argument(
+        "--params", type=Path, default=DEFAULT_PARAMS, help="the params.yaml the checkpoint was trained with"
+    )
     parser.add_argument("--out", type=Path, default=Path("data/predict"))
-    parser.add_argument("--work", type=Path, default=CACHE_DIR.parent / "predict",
-                        help="features and resume cache of this command (default data/interim/predict)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=CACHE_DIR.parent / "predict",
+        help="features and resume cache of this command (default data/interim/predict)",
+    )
     parser.add_argument("--asr-model", default=DEFAULT_ASR, help="HF id / local path of the ASR model (no transcript)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     start = time.perf_counter()
     try:
         params = load_params(args.params)
@@ -280,10 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         result = predict(utterances, params, args.checkpoint, args.work)
         for row in result["rows"]:
             row["text_source"] = source
-        meta = {"checkpoint": str(args.checkpoint), "params": str(args.params), "clips": str(args.clips),
-                "transcript": str(args.transcript) if args.transcript else None,
-                "text_source": source if source == "transcript" else f"asr ({args.asr_model})",
-                "not_transcribed": failed, **transcript_report}
+        meta = {
+            "checkpoint": str(args.checkpoint),
+            "params": str(args.params),
+            "clips": str(args.clips),
+            "transcript": str(args.transcript) if args.transcript else None,
+            "text_source": source if source == "transcript" else f"asr ({args.asr_model})",
+            "not_transcribed": failed,
+            **transcript_report,
+        }
         write_outputs(result, args.out, meta)
     except (ParamsError, DatasetError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -291,9 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     not_pretrained = [m for m, e in result["encoders"].items() if not e["pretrained"]]
     if not_pretrained:
         log.warning("these predictions use features from RANDOMLY INITIALISED encoders: %s", ", ".join(not_pretrained))
-    log.info("predict: %d utterances predicted, %d skipped (no usable modality), text from %s -> %s (%.1f s)",
-             len(result["rows"]), len(result["skipped"]), meta["text_source"], args.out / "predictions.csv",
-             time.perf_counter() - start)
+    log.info(
+        "predict: %d utterances predicted, %d skipped (no usable modality), text from %s -> %s (%.1f s)",
+        len(result["rows"]),
+        len(result["skipped"]),
+        meta["text_source"],
+        args.out / "predictions.csv",
+        time.perf_counter() - start,
+    )
     return 0
 
 

@@ -3,7 +3,7 @@
 Input: the layout ``data.layout`` names under ``data.root`` (MELD's raw release, IEMOCAP's full
 release, or a generic manifest; see :mod:`pipeline.datasets`).
 
-Output, in ``data/prepared/``:
+Output, in the folder ``--out`` names (``data/prepared/`` in ``dvc.yaml``):
 
 * ``utterances.csv``: one row per utterance, in dialogue order (the fields of :class:`Utterance`)::
 
@@ -20,39 +20,47 @@ an emotion outside it stops the stage with the file and row (``data.unknown_labe
 the utterance with a count (``skip``). A dataset without sentiment labels gets them from the emotion
 through ``data.sentiment_map`` over :data:`DEFAULT_SENTIMENT_MAP`.
 
-Run: ``python -m pipeline.prepare [--params params.yaml]``.
+Run: ``python -m pipeline.prepare --out data/prepared [--params params.yaml]``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 from collections import Counter
-from dataclasses import asdict, fields
 from pathlib import Path
 
-from pipeline.config import DataParams, Params, run_stage
-from pipeline.datasets import READERS, DatasetError, RawDataset, Utterance  # noqa: F401 (re-exported)
-from pipeline.features import atomic_path, write_json
+from pipeline.atomic import write_json
+from pipeline.cli import run_stage
+from pipeline.config import DataParams, Params
+from pipeline.datasets import READERS, DatasetError, RawDataset
+from pipeline.utterances import LABELS_FILE, UTTERANCES_FILE, Utterance, write_utterances
 
 log = logging.getLogger(__name__)
 
-PREPARED_DIR = Path("data/prepared")
-UTTERANCES = PREPARED_DIR / "utterances.csv"
-LABELS = PREPARED_DIR / "labels.json"
-REPORT = PREPARED_DIR / "report.json"
+REPORT_FILE = "report.json"
 
 # emotion -> sentiment where a dataset has no sentiment labels. IEMOCAP's mapping follows GraphSmile
 # (lijfrank-open/GraphSmile): sad/ang/fru negative, neu neutral, hap/exc positive. Ambiguous emotions
 # (surprise) are left out on purpose: give a sentiment column or data.sentiment_map.
 DEFAULT_SENTIMENT_MAP = {
-    "neu": "neutral", "neutral": "neutral",
-    "hap": "positive", "exc": "positive", "happy": "positive", "happiness": "positive", "joy": "positive",
+    "neu": "neutral",
+    "neutral": "neutral",
+    "hap": "positive",
+    "exc": "positive",
+    "happy": "positive",
+    "happiness": "positive",
+    "joy": "positive",
     "excited": "positive",
-    "sad": "negative", "ang": "negative", "fru": "negative", "sadness": "negative", "anger": "negative",
-    "angry": "negative", "frustrated": "negative", "frustration": "negative", "disgust": "negative",
+    "sad": "negative",
+    "ang": "negative",
+    "fru": "negative",
+    "sadness": "negative",
+    "anger": "negative",
+    "angry": "negative",
+    "frustrated": "negative",
+    "frustration": "negative",
+    "disgust": "negative",
     "fear": "negative",
 }
 
@@ -69,8 +77,11 @@ def apply_label_policy(dataset: RawDataset, data: DataParams) -> tuple[list[Utte
             without a sentiment to derive; the message names the file and row and the fix.
     """
     label_map = data.label_map
-    emotions = list(data.emotions) if data.emotions is not None else \
-        list(dict.fromkeys(label_map.get(e, e) for e in dataset.emotions))
+    emotions = (
+        list(data.emotions)
+        if data.emotions is not None
+        else list(dict.fromkeys(label_map.get(e, e) for e in dataset.emotions))
+    )
     sentiments = list(data.sentiments) if data.sentiments is not None else list(dataset.sentiments)
     sentiment_map = {**DEFAULT_SENTIMENT_MAP, **data.sentiment_map}
     kept: list[Utterance] = []
@@ -85,20 +96,30 @@ def apply_label_policy(dataset: RawDataset, data: DataParams) -> tuple[list[Utte
             if data.unknown_label == "skip":
                 dropped[emotion or "(empty)"] += 1
                 continue
-            raise DatasetError(f"{where}: unknown emotion {utt.emotion!r}; known: {emotions}. Fix the row, map it "
-                               "with data.label_map, add it to data.emotions, or set data.unknown_label: skip")
+            raise DatasetError(
+                f"{where}: unknown emotion {utt.emotion!r}; known: {emotions}. Fix the row, map it "
+                "with data.label_map, add it to data.emotions, or set data.unknown_label: skip"
+            )
         sentiment = utt.sentiment
         if not sentiment:
             if emotion not in sentiment_map:
-                raise DatasetError(f"{where}: no sentiment label and none derivable from emotion {emotion!r}; "
-                                   f"add a sentiment column or data.sentiment_map.{emotion} in params.yaml")
+                raise DatasetError(
+                    f"{where}: no sentiment label and none derivable from emotion {emotion!r}; "
+                    f"add a sentiment column or data.sentiment_map.{emotion} in params.yaml"
+                )
             sentiment, derived = sentiment_map[emotion], derived + 1
         if sentiment not in sentiments:
-            raise DatasetError(f"{where}: unknown sentiment {utt.sentiment or sentiment!r}; known: {sentiments}. "
-                               "Fix the row, or set data.sentiments in params.yaml")
+            raise DatasetError(
+                f"{where}: unknown sentiment {utt.sentiment or sentiment!r}; known: {sentiments}. "
+                "Fix the row, or set data.sentiments in params.yaml"
+            )
         kept.append(dataclasses.replace(utt, emotion=emotion, sentiment=sentiment))
-    report = {"label_map": dict(mapped), "sentiment_derived": derived, "unknown_label_policy": data.unknown_label,
-              "dropped_unknown_labels": dict(dropped)}
+    report = {
+        "label_map": dict(mapped),
+        "sentiment_derived": derived,
+        "unknown_label_policy": data.unknown_label,
+        "dropped_unknown_labels": dict(dropped),
+    }
     return kept, {"emotions": emotions, "sentiments": sentiments}, report
 
 
@@ -118,81 +139,67 @@ def prepare(params: Params) -> tuple[list[Utterance], dict, dict]:
         raise DatasetError(f"data.root {data.root} is not a directory; the {data.layout} layout is a folder")
     dataset = READERS[data.layout](data.root, data)
     utterances, labels, label_report = apply_label_policy(dataset, data)
-    report: dict = {"layout": data.layout, "root": str(data.root), "missing_clip_policy": data.missing_clip,
-                    **dataset.report, **label_report, "labels": labels, "splits": {}}
+    report: dict = {
+        "layout": data.layout,
+        "root": str(data.root),
+        "missing_clip_policy": data.missing_clip,
+        **dataset.report,
+        **label_report,
+        "labels": labels,
+        "splits": {},
+    }
     for split in ("train", "dev", "test"):
         rows = [u for u in utterances if u.split == split]
-        report["splits"][split] = {**dataset.split_reports.get(split, {}), "kept": len(rows),
-                                   "dialogues": len({u.dialogue_id for u in rows}),
-                                   "emotions": dict(Counter(u.emotion for u in rows))}
+        report["splits"][split] = {
+            **dataset.split_reports.get(split, {}),
+            "kept": len(rows),
+            "dialogues": len({u.dialogue_id for u in rows}),
+            "emotions": dict(Counter(u.emotion for u in rows)),
+        }
     report["empty_text"] = [u.utterance_id for u in utterances if not u.text]
     report["speakers"] = len({u.speaker for u in utterances})
     return utterances, labels, report
 
 
-def write_utterances(utterances: list[Utterance], path: Path = UTTERANCES) -> None:
-    """Write the utterance table atomically (UTF-8 CSV; ``start``/``end`` empty when None)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, [fl.name for fl in fields(Utterance)])
-        writer.writeheader()
-        for u in utterances:
-            writer.writerow({k: ("" if v is None else v) for k, v in asdict(u).items()})
-
-
-def load_utterances(path: Path = UTTERANCES) -> list[Utterance]:
-    """Read the table written by this stage, in its row order (dialogue order).
-
-    Raises:
-        FileNotFoundError: the stage has not run (``dvc repro prepare``).
-        ValueError: a table written by an older version of this stage (rerun it).
-    """
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: utterance table not found; run the prepare stage (`dvc repro prepare`)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [fl.name for fl in fields(Utterance) if fl.name not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: columns {missing} missing (written by an older version); "
-                             "rerun the prepare stage (`dvc repro prepare`)")
-        return [Utterance(**{**row, "utterance_index": int(row["utterance_index"]),
-                             "start": float(row["start"]) if row["start"] else None,
-                             "end": float(row["end"]) if row["end"] else None})
-                for row in reader]
-
-
-def load_labels(path: Path = LABELS) -> dict[str, list[str]]:
-    """The class lists written by this stage: ``{"emotions": [...], "sentiments": [...]}``.
-
-    Raises:
-        FileNotFoundError: the stage has not run (``dvc repro prepare``).
-    """
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: label file not found; run the prepare stage (`dvc repro prepare`)")
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def run(params: Params) -> None:
-    """Run the stage: write the utterance table, the labels and the report; log what was left out."""
+def run(params: Params, out: Path) -> None:
+    """Run the stage: write the utterance table, the labels and the report into ``out``; log what was left out."""
     utterances, labels, report = prepare(params)
     for split, r in report["splits"].items():
         if r.get("missing_clips"):
             shown = ", ".join(r["missing_clips"][:10]) + (" ..." if len(r["missing_clips"]) > 10 else "")
-            log.warning("%s: %d clip(s) listed are missing from the release (policy %s; all listed in %s): %s",
-                        split, len(r["missing_clips"]), params.data.missing_clip, REPORT, shown)
+            log.warning(
+                "%s: %d clip(s) listed are missing from the release (policy %s; all listed in %s): %s",
+                split,
+                len(r["missing_clips"]),
+                params.data.missing_clip,
+                out / REPORT_FILE,
+                shown,
+            )
         if r.get("repaired_bytes"):
             log.warning("%s: decoded %d cp1252 byte(s) in UTF-8 text", split, r["repaired_bytes"])
     if report["dropped_unknown_labels"]:
-        log.warning("left out utterances with labels outside %s: %s", labels["emotions"],
-                    report["dropped_unknown_labels"])
+        log.warning(
+            "left out utterances with labels outside %s: %s", labels["emotions"], report["dropped_unknown_labels"]
+        )
     if report["empty_text"]:
         shown = ", ".join(report["empty_text"][:10]) + (" ..." if len(report["empty_text"]) > 10 else "")
         log.warning("%d utterance(s) have empty text (text modality masked): %s", len(report["empty_text"]), shown)
-    write_utterances(utterances)
-    write_json(labels, LABELS)
-    write_json(report, REPORT)
-    log.info("prepare: %d utterances in %d dialogues, %d emotion classes %s -> %s", len(utterances),
-             len({u.dialogue_id for u in utterances}), len(labels["emotions"]), labels["emotions"], UTTERANCES)
+    write_utterances(utterances, out / UTTERANCES_FILE)
+    write_json(labels, out / LABELS_FILE)
+    write_json(report, out / REPORT_FILE)
+    log.info(
+        "prepare: %d utterances in %d dialogues, %d emotion classes %s -> %s",
+        len(utterances),
+        len({u.dialogue_id for u in utterances}),
+        len(labels["emotions"]),
+        labels["emotions"],
+        out / UTTERANCES_FILE,
+    )
 
 
 if __name__ == "__main__":
-    run_stage(run, "Read a dataset release (data.*) into data/prepared/utterances.csv.")
+    run_stage(
+        run,
+        "Read a dataset release (data.*) into an utterance table.",
+        {"out": "output folder: utterances.csv, labels.json, report.json"},
+    )

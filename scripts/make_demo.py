@@ -53,8 +53,13 @@ PROSODY = {
 
 # MELD's emotion marginals are skewed towards neutral; keep that shape.
 EMOTION_WEIGHTS = {
-    "neutral": 0.28, "joy": 0.17, "surprise": 0.12, "anger": 0.12,
-    "sadness": 0.11, "disgust": 0.09, "fear": 0.11,
+    "neutral": 0.28,
+    "joy": 0.17,
+    "surprise": 0.12,
+    "anger": 0.12,
+    "sadness": 0.11,
+    "disgust": 0.09,
+    "fear": 0.11,
 }
 
 # Emotion -> [(sentence, sentiment)]. The first eight are the train pool, the rest the held-out pool.
@@ -162,8 +167,19 @@ N_TRAIN_SENTENCES = 8
 
 SPLIT_DIRS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
 SPLIT_CSVS = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
-CSV_COLUMNS = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID",
-               "Utterance_ID", "Season", "Episode", "StartTime", "EndTime"]
+CSV_COLUMNS = [
+    "Sr No.",
+    "Utterance",
+    "Speaker",
+    "Emotion",
+    "Sentiment",
+    "Dialogue_ID",
+    "Utterance_ID",
+    "Season",
+    "Episode",
+    "StartTime",
+    "EndTime",
+]
 
 
 def _emotion_sequence(rng: random.Random, length: int) -> list[str]:
@@ -180,8 +196,9 @@ def make_dialogues(seed: int, n_dialogues: dict[str, int]) -> dict[str, list[lis
     rng = random.Random(seed)
     out: dict[str, list[list[dict]]] = {}
     for split, count in n_dialogues.items():
-        pools = {e: (s[:N_TRAIN_SENTENCES] if split == "train" else s[N_TRAIN_SENTENCES:])
-                 for e, s in SENTENCES.items()}
+        pools = {
+            e: (s[:N_TRAIN_SENTENCES] if split == "train" else s[N_TRAIN_SENTENCES:]) for e, s in SENTENCES.items()
+        }
         dialogues = []
         for _ in range(count):
             speakers = rng.sample(sorted(SPEAKERS), rng.choice([2, 3]))
@@ -201,27 +218,59 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def synthesise_clip(turn: dict, rng: random.Random, out: Path, tmp: Path, *,
-                    audio: bool = True, face: bool = True) -> None:
+def synthesise_clip(
+    turn: dict, rng: random.Random, out: Path, tmp: Path, *, audio: bool = True, face: bool = True
+) -> None:
     """Write one utterance clip: 320x240 H.264 video of the speaker's face (or a faceless grey frame)
     and an AAC mono 16 kHz espeak-ng speech track (or no audio stream)."""
     voice, pitch_offset, photo = SPEAKERS[turn["speaker"]]
     pitch, rate, amp = PROSODY[turn["emotion"]]
     wav = tmp / "speech.wav"
-    _run(["espeak-ng", "-v", voice, "-p", str(max(0, min(99, pitch + pitch_offset + rng.randint(-4, 4)))),
-          "-s", str(rate + rng.randint(-10, 10)), "-a", str(amp), "-w", str(wav), turn["text"]])
-    image = ["-loop", "1", "-framerate", "10", "-i", str(ASSETS / "faces" / photo)] if face else \
-        ["-f", "lavfi", "-i", "color=c=gray:s=320x240:r=10"]
+    _run(
+        [
+            "espeak-ng",
+            "-v",
+            voice,
+            "-p",
+            str(max(0, min(99, pitch + pitch_offset + rng.randint(-4, 4)))),
+            "-s",
+            str(rate + rng.randint(-10, 10)),
+            "-a",
+            str(amp),
+            "-w",
+            str(wav),
+            turn["text"],
+        ]
+    )
+    image = (
+        ["-loop", "1", "-framerate", "10", "-i", str(ASSETS / "faces" / photo)]
+        if face
+        else ["-f", "lavfi", "-i", "color=c=gray:s=320x240:r=10"]
+    )
     cmd = ["ffmpeg", "-y", "-loglevel", "error", *image, "-i", str(wav), "-map", "0:v"]
     cmd += ["-map", "1:a", "-c:a", "aac", "-b:a", "48k", "-ar", "16000", "-ac", "1"] if audio else []
     # Slow zoom so consecutive frames differ, as in real footage.
     with wave.open(str(wav)) as w:  # the clip lasts as long as the speech, with or without audio
         seconds = w.getnframes() / w.getframerate()
     # Slow zoom so consecutive frames differ, as in real footage.
-    cmd += ["-vf", "scale=320:240:force_original_aspect_ratio=decrease,pad=320:240:(ow-iw)/2:(oh-ih)/2,"
-                   "zoompan=z='min(zoom+0.002,1.1)':d=1:s=320x240:fps=10,format=yuv420p",
-            "-c:v", "libx264", "-preset", "veryslow", "-crf", "30", "-tune", "stillimage",
-            "-t", f"{seconds:.2f}", "-movflags", "+faststart", str(out)]
+    cmd += [
+        "-vf",
+        "scale=320:240:force_original_aspect_ratio=decrease,pad=320:240:(ow-iw)/2:(oh-ih)/2,"
+        "zoompan=z='min(zoom+0.002,1.1)':d=1:s=320x240:fps=10,format=yuv420p",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryslow",
+        "-crf",
+        "30",
+        "-tune",
+        "stillimage",
+        "-t",
+        f"{seconds:.2f}",
+        "-movflags",
+        "+faststart",
+        str(out),
+    ]
     _run(cmd)
 
 
@@ -253,14 +302,24 @@ def main() -> None:
                     defect = defects.get((split, d, u))
                     clip = clip_dir / f"dia{d}_utt{u}.mp4"
                     if defect != "missing_clip":
-                        synthesise_clip(turn, rng, clip, tmp, audio=defect != "no_audio",
-                                        face=defect != "no_face")
+                        synthesise_clip(turn, rng, clip, tmp, audio=defect != "no_audio", face=defect != "no_face")
                     end = start + 2.0
                     stamp = lambda t: f"00:{int(t // 60):02d}:{t % 60:06.3f}".replace(".", ",")  # noqa: E731
-                    rows.append({"Sr No.": sr_no, "Utterance": turn["text"], "Speaker": turn["speaker"],
-                                 "Emotion": turn["emotion"], "Sentiment": turn["sentiment"],
-                                 "Dialogue_ID": d, "Utterance_ID": u, "Season": 1, "Episode": d + 1,
-                                 "StartTime": stamp(start), "EndTime": stamp(end)})
+                    rows.append(
+                        {
+                            "Sr No.": sr_no,
+                            "Utterance": turn["text"],
+                            "Speaker": turn["speaker"],
+                            "Emotion": turn["emotion"],
+                            "Sentiment": turn["sentiment"],
+                            "Dialogue_ID": d,
+                            "Utterance_ID": u,
+                            "Season": 1,
+                            "Episode": d + 1,
+                            "StartTime": stamp(start),
+                            "EndTime": stamp(end),
+                        }
+                    )
                     sr_no, start = sr_no + 1, end
             with open(args.out / SPLIT_CSVS[split], "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, CSV_COLUMNS, lineterminator="\r\n")  # MELD's CRLF line ends

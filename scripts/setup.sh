@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its test extras, once per pyproject.toml version.
+# Create .venv and install the locked environment (requirements.lock: exact versions with hashes), then
+# the project itself without dependencies; once per version of requirements.lock and pyproject.toml.
 # Sourced by scripts/demo.sh and scripts/test.sh; leaves the venv activated.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,12 +10,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "setup: installing the project into .venv (first run: a few minutes, about 6 GB)"
+  echo "setup: installing requirements.lock and the project into .venv (first run: a few minutes, about 6 GB)"
   start=$(date +%s)
   python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e ".[test]"
+  python -m pip install --quiet --require-hashes -r requirements.lock
+  # The build backend (setuptools) is in the lock too (torch requires it): nothing unhashed is fetched.
+  python -m pip install --quiet --no-deps --no-build-isolation -e .
   rm -f .venv/.installed-*
   touch "$stamp"
   echo "setup: installed in $(( $(date +%s) - start )) s"

@@ -23,8 +23,19 @@ DEMO = REPO / "data" / "raw" / "demo"
 
 MELD_CSVS = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
 MELD_CLIP_DIRS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
-MELD_HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
-               "Season", "Episode", "StartTime", "EndTime"]
+MELD_HEADER = [
+    "Sr No.",
+    "Utterance",
+    "Speaker",
+    "Emotion",
+    "Sentiment",
+    "Dialogue_ID",
+    "Utterance_ID",
+    "Season",
+    "Episode",
+    "StartTime",
+    "EndTime",
+]
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +66,27 @@ def demo_root() -> Path:
     return DEMO
 
 
-def row(d: int, u: int, text: str = "Hello there.", speaker: str = "Ross", emotion: str = "neutral",
-        sentiment: str = "neutral") -> dict:
+def row(
+    d: int,
+    u: int,
+    text: str = "Hello there.",
+    speaker: str = "Ross",
+    emotion: str = "neutral",
+    sentiment: str = "neutral",
+) -> dict:
     """One MELD CSV row (the columns prepare needs; the rest filled like the real release)."""
-    return {"Utterance": text, "Speaker": speaker, "Emotion": emotion, "Sentiment": sentiment,
-            "Dialogue_ID": d, "Utterance_ID": u, "Season": 1, "Episode": 1,
-            "StartTime": "00:00:00,000", "EndTime": "00:00:01,000"}
+    return {
+        "Utterance": text,
+        "Speaker": speaker,
+        "Emotion": emotion,
+        "Sentiment": sentiment,
+        "Dialogue_ID": d,
+        "Utterance_ID": u,
+        "Season": 1,
+        "Episode": 1,
+        "StartTime": "00:00:00,000",
+        "EndTime": "00:00:01,000",
+    }
 
 
 def meld_csv_bytes(rows: list[dict], header: list[str] | None = None, line_end: str = "\r\n") -> bytes:
@@ -74,8 +100,13 @@ def meld_csv_bytes(rows: list[dict], header: list[str] | None = None, line_end: 
     return buf.getvalue().encode("utf-8")
 
 
-def write_meld(root: Path, splits: dict[str, list[dict]] | None = None, *, missing: set[str] = frozenset(),
-               raw: dict[str, bytes] | None = None) -> Path:
+def write_meld(
+    root: Path,
+    splits: dict[str, list[dict]] | None = None,
+    *,
+    missing: set[str] = frozenset(),
+    raw: dict[str, bytes] | None = None,
+) -> Path:
     """Write a tiny MELD raw-release layout under ``root``.
 
     Args:
@@ -106,19 +137,51 @@ def stage_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def write_utterances(items: list[tuple]) -> list:
-    """Write ``data/prepared/utterances.csv`` (relative to the cwd) from
+# Where the tests that run stages in :func:`stage_dir` put their outputs (relative to the cwd), as dvc.yaml's
+# ``vars`` do; stages take every path on their command line / as ``run()`` arguments.
+PREPARED = Path("data/prepared")
+UTTERANCES = PREPARED / "utterances.csv"
+FEATURES = Path("data/features")
+GRAPHS = Path("data/graphs")
+
+
+def write_utterances(items: list[tuple], path: Path = UTTERANCES) -> list:
+    """Write the utterance table ``path`` (default ``data/prepared/utterances.csv``, relative to the cwd) from
     ``(utterance_id, text, speaker, clip)`` tuples; dialogue id and index come from the id."""
-    from pipeline.prepare import Utterance, write_utterances as write
+    from pipeline.utterances import Utterance
+    from pipeline.utterances import write_utterances as write
 
     utterances = []
     for uid, text, speaker, clip in items:
         split, name = uid.split("/")
         d, u = name[3:].split("_utt")
-        utterances.append(Utterance(uid, split, f"{split}/{d}", int(u), speaker, text, "neutral", "neutral",
-                                    str(clip) if clip else ""))
-    write(utterances)
+        utterances.append(
+            Utterance(
+                uid, split, f"{split}/{d}", int(u), speaker, text, "neutral", "neutral", str(clip) if clip else ""
+            )
+        )
+    write(utterances, path)
     return utterances
+
+
+def run_extraction_stage(stage, params, utterances: Path = UTTERANCES, out: Path = FEATURES) -> dict:
+    """Run an extraction stage (``pipeline.extract_text`` ...) as dvc.yaml does, modality guard included, and
+    return what its ``extract(...)`` returned: the report as written, plus the run facts under ``"run"``
+    (timings, device, utterances resumed from the cache), which the report file no longer holds."""
+    returned = []
+    real = stage.extract
+
+    def spy(*args, **kwargs):
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
+
+    stage.extract = spy
+    try:
+        stage.run(params, utterances=Path(utterances), out=Path(out))
+    finally:
+        stage.extract = real
+    assert len(returned) == 1
+    return returned[0]
 
 
 def save_tiny_bert(path: Path, words: list[str], num_hidden_layers: int, max_position_embeddings: int):
@@ -131,9 +194,16 @@ def save_tiny_bert(path: Path, words: list[str], num_hidden_layers: int, max_pos
     # transformers 5 ignores vocab files passed by name: give the vocabulary as a dict.
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=num_hidden_layers,
-                                 num_attention_heads=2, intermediate_size=32,
-                                 max_position_embeddings=max_position_embeddings))
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=max_position_embeddings,
+        )
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return tokenizer
@@ -146,8 +216,13 @@ def ffmpeg():
     exe = imageio_ffmpeg.get_ffmpeg_exe()
 
     def run(*args: str) -> None:
-        subprocess.run([exe, "-y", "-nostdin", "-loglevel", "error", *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run(
+            [exe, "-y", "-nostdin", "-loglevel", "error", *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
     return run
 
 
@@ -162,16 +237,59 @@ def clips(tmp_path_factory: pytest.TempPathFactory, ffmpeg) -> dict[str, Path]:
     * ``short_audio``: an AAC track of 15 ms (240 samples at 16 kHz), shorter than wav2vec2's receptive field.
     """
     out = tmp_path_factory.mktemp("clips")
-    ffmpeg("-f", "lavfi", "-i", "aevalsrc=0.5*sin(2*PI*440*t)|0:s=44100:d=1.5",
-           "-c:a", "aac", "-b:a", "128k", str(out / "stereo44k.mp4"))
-    ffmpeg("-f", "lavfi", "-i", "aevalsrc=0.9*sin(2*PI*440*t)|0.9*sin(2*PI*440*t):s=44100:d=1",
-           "-c:a", "aac", "-b:a", "192k", str(out / "loud_stereo.mp4"))
-    ffmpeg("-f", "lavfi", "-i", "color=c=black:s=64x48:r=10:d=3", "-vf", "geq=lum='N*8':cb=128:cr=128,format=yuv420p",
-           "-c:v", "libx264", str(out / "ramp.mp4"))
-    ffmpeg("-f", "lavfi", "-i", "color=c=red:s=64x48:r=10:d=1", "-pix_fmt", "yuv420p", "-c:v", "libx264",
-           str(out / "red.mp4"))
-    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:duration=0.015", "-c:a", "aac",
-           str(out / "short_audio.mp4"))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "aevalsrc=0.5*sin(2*PI*440*t)|0:s=44100:d=1.5",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "128k",
+        str(out / "stereo44k.mp4"),
+    )
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "aevalsrc=0.9*sin(2*PI*440*t)|0.9*sin(2*PI*440*t):s=44100:d=1",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "192k",
+        str(out / "loud_stereo.mp4"),
+    )
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=black:s=64x48:r=10:d=3",
+        "-vf",
+        "geq=lum='N*8':cb=128:cr=128,format=yuv420p",
+        "-c:v",
+        "libx264",
+        str(out / "ramp.mp4"),
+    )
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=red:s=64x48:r=10:d=1",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:v",
+        "libx264",
+        str(out / "red.mp4"),
+    )
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:sample_rate=16000:duration=0.015",
+        "-c:a",
+        "aac",
+        str(out / "short_audio.mp4"),
+    )
     return {p.stem: p for p in out.glob("*.mp4")}
 
 

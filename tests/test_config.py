@@ -25,11 +25,14 @@ def test_empty_mapping_gives_defaults_and_sections_are_independent():
     assert parse_params(None) == parse_params({})
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"train": {"lrr": 0.1}}, "train.lrr"),
-    ({"trian": {"lr": 0.1}}, "trian"),
-    ({"visual": {"fps": 2, "max_frame": 3}}, "visual.max_frame"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"train": {"lrr": 0.1}}, "train.lrr"),
+        ({"trian": {"lr": 0.1}}, "trian"),
+        ({"visual": {"fps": 2, "max_frame": 3}}, "visual.max_frame"),
+    ],
+)
 def test_unknown_keys_are_rejected_naming_the_dotted_key(raw, key):
     with pytest.raises(ParamsError) as err:
         parse_params(raw)
@@ -37,16 +40,19 @@ def test_unknown_keys_are_rejected_naming_the_dotted_key(raw, key):
     assert "Extra inputs are not permitted" in str(err.value)
 
 
-@pytest.mark.parametrize("raw, key, detail", [
-    ({"train": {"lr": -1}}, "train.lr", "greater than 0"),
-    ({"train": {"lr": "fast"}}, "train.lr", "'fast'"),
-    ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
-    ({"graph": {"relations": "speaker_pairs"}}, "graph.relations", "'speaker_pair' or 'same_other'"),
-    ({"data": {"missing_clip": "drop"}}, "data.missing_clip", "'drop'"),
-    ({"text": {"pooling": "max"}}, "text.pooling", "'cls' or 'mean'"),
-    ({"visual": {"min_face_prob": 1.5}}, "visual.min_face_prob", "less than or equal to 1"),
-    ({"data": {"emotions": ["joy", "joy"]}}, "data.emotions", "unique"),
-])
+@pytest.mark.parametrize(
+    "raw, key, detail",
+    [
+        ({"train": {"lr": -1}}, "train.lr", "greater than 0"),
+        ({"train": {"lr": "fast"}}, "train.lr", "'fast'"),
+        ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
+        ({"graph": {"relations": "speaker_pairs"}}, "graph.relations", "'speaker_pair' or 'same_other'"),
+        ({"data": {"missing_clip": "drop"}}, "data.missing_clip", "'drop'"),
+        ({"text": {"pooling": "max"}}, "text.pooling", "'cls' or 'mean'"),
+        ({"visual": {"min_face_prob": 1.5}}, "visual.min_face_prob", "less than or equal to 1"),
+        ({"data": {"emotions": ["joy", "joy"]}}, "data.emotions", "unique"),
+    ],
+)
 def test_bad_values_are_rejected_naming_the_key(raw, key, detail):
     with pytest.raises(ParamsError) as err:
         parse_params(raw)

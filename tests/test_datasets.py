@@ -11,16 +11,23 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataParams, parse_params
-from pipeline.datasets import DatasetError, Utterance, read_iemocap, read_manifest
+from pipeline.datasets import DatasetError, read_iemocap, read_manifest
 from pipeline.prepare import prepare
+from pipeline.utterances import Utterance
 
 SIX = ["hap", "sad", "neu", "ang", "exc", "fru"]
 
 # ----------------------------------------------------------------------------------------- IEMOCAP
 
 
-def write_iemocap(root: Path, dialogues: dict[str, list[tuple]], *, no_avi: set[str] = frozenset(),
-                  no_wav: set[str] = frozenset(), no_transcription: set[str] = frozenset()) -> Path:
+def write_iemocap(
+    root: Path,
+    dialogues: dict[str, list[tuple]],
+    *,
+    no_avi: set[str] = frozenset(),
+    no_wav: set[str] = frozenset(),
+    no_transcription: set[str] = frozenset(),
+) -> Path:
     """A fake IEMOCAP full release. ``dialogues``: dialog -> ``(name, start, end, label, text)`` in file order
     (text None: no transcript line). Session from the name (``Ses03...`` -> Session3); media are empty files."""
     for dialog, utts in dialogues.items():
@@ -29,8 +36,13 @@ def write_iemocap(root: Path, dialogues: dict[str, list[tuple]], *, no_avi: set[
             (d / sub).mkdir(parents=True, exist_ok=True)
         lines = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
         for name, start, end, label, _ in utts:
-            lines += [f"[{start:.4f} - {end:.4f}]\t{name}\t{label}\t[2.5000, 2.5000, 2.5000]",
-                      "C-E2:\tNeutral;\t()", "C-E3:\tAnger;\t()", "A-E3:\tval 3; act 2; dom  2;\t()", ""]
+            lines += [
+                f"[{start:.4f} - {end:.4f}]\t{name}\t{label}\t[2.5000, 2.5000, 2.5000]",
+                "C-E2:\tNeutral;\t()",
+                "C-E3:\tAnger;\t()",
+                "A-E3:\tval 3; act 2; dom  2;\t()",
+                "",
+            ]
         (d / "EmoEvaluation" / f"{dialog}.txt").write_text("\n".join(lines), encoding="utf-8")
         (d / "EmoEvaluation" / "Categorical" / f"{dialog}_e2_cat.txt").write_text("not read\n")
         if dialog not in no_transcription:
@@ -45,24 +57,29 @@ def write_iemocap(root: Path, dialogues: dict[str, list[tuple]], *, no_avi: set[
 
 def simple(dialog: str, labels: str = "neu ang") -> list[tuple]:
     """One utterance per label, alternating F/M, one second each."""
-    return [(f"{dialog}_{'FM'[i % 2]}{i:03d}", float(i), i + 0.5, label, f"line {i}")
-            for i, label in enumerate(labels.split())]
+    return [
+        (f"{dialog}_{'FM'[i % 2]}{i:03d}", float(i), i + 0.5, label, f"line {i}")
+        for i, label in enumerate(labels.split())
+    ]
 
 
 @pytest.fixture
 def iemocap(tmp_path: Path) -> Path:
     """Three Session 1-2 dialogues and one Session 5 dialogue; the first has noise and out-of-order lines."""
-    root = write_iemocap(tmp_path / "IEMOCAP_full_release", {
-        "Ses01F_impro01": [
-            ("Ses01F_impro01_M001", 10.01, 11.3925, "ang", "Yes,   I\tdo."),
-            ("Ses01F_impro01_F000", 6.2901, 8.2357, "neu", "Excuse me."),
-            ("Ses01F_impro01_F001", 12.5, 14.0, "xxx", "Mumble."),
-            ("Ses01F_impro01_M000", 8.5, 9.75, "exc", None),
-        ],
-        "Ses01M_script01_1": simple("Ses01M_script01_1", "hap sad fru oth sur"),
-        "Ses02F_impro02": simple("Ses02F_impro02", "fea dis neu"),
-        "Ses05M_impro03": simple("Ses05M_impro03", "neu hap"),
-    })
+    root = write_iemocap(
+        tmp_path / "IEMOCAP_full_release",
+        {
+            "Ses01F_impro01": [
+                ("Ses01F_impro01_M001", 10.01, 11.3925, "ang", "Yes,   I\tdo."),
+                ("Ses01F_impro01_F000", 6.2901, 8.2357, "neu", "Excuse me."),
+                ("Ses01F_impro01_F001", 12.5, 14.0, "xxx", "Mumble."),
+                ("Ses01F_impro01_M000", 8.5, 9.75, "exc", None),
+            ],
+            "Ses01M_script01_1": simple("Ses01M_script01_1", "hap sad fru oth sur"),
+            "Ses02F_impro02": simple("Ses02F_impro02", "fea dis neu"),
+            "Ses05M_impro03": simple("Ses05M_impro03", "neu hap"),
+        },
+    )
     tr = root / "Session1" / "dialog" / "transcriptions" / "Ses01F_impro01.txt"
     tr.write_text(tr.read_text() + "M: [BREATHING]\nSes01F_impro01_MXX0 [012.0000-013.0000]: Hm.\n\n")
     return root
@@ -72,19 +89,35 @@ def test_iemocap_parses_ids_speakers_order_times_text_and_media(iemocap: Path):
     ds = read_iemocap(iemocap, DataParams(dev_dialogues=1))
     dialog = [u for u, _ in ds.rows if u.dialogue_id == "Ses01F_impro01"]
     assert [u.utterance_id for u in dialog] == [  # start-time order; xxx dropped
-        "Ses01F_impro01_F000", "Ses01F_impro01_M000", "Ses01F_impro01_M001"]
+        "Ses01F_impro01_F000",
+        "Ses01F_impro01_M000",
+        "Ses01F_impro01_M001",
+    ]
     d = iemocap / "Session1" / "dialog"
     assert dialog[2] == Utterance(
-        utterance_id="Ses01F_impro01_M001", split=dialog[2].split, dialogue_id="Ses01F_impro01", utterance_index=2,
-        speaker="Ses01_M", text="Yes, I do.", emotion="ang", sentiment="",
+        utterance_id="Ses01F_impro01_M001",
+        split=dialog[2].split,
+        dialogue_id="Ses01F_impro01",
+        utterance_index=2,
+        speaker="Ses01_M",
+        text="Yes, I do.",
+        emotion="ang",
+        sentiment="",
         clip=(d / "avi" / "DivX" / "Ses01F_impro01.avi").as_posix(),
-        audio_clip=(d / "wav" / "Ses01F_impro01.wav").as_posix(), start=10.01, end=11.3925)
+        audio_clip=(d / "wav" / "Ses01F_impro01.wav").as_posix(),
+        start=10.01,
+        end=11.3925,
+    )
     assert [(u.utterance_index, u.speaker, u.start, u.end, u.text, u.emotion) for u in dialog[:2]] == [
-        (0, "Ses01_F", 6.2901, 8.2357, "Excuse me.", "neu"), (1, "Ses01_M", 8.5, 9.75, "", "exc")]
+        (0, "Ses01_F", 6.2901, 8.2357, "Excuse me.", "neu"),
+        (1, "Ses01_M", 8.5, 9.75, "", "exc"),
+    ]
     script = [u for u, _ in ds.rows if u.dialogue_id == "Ses01M_script01_1"]
     assert [(u.utterance_id, u.speaker) for u in script] == [
-        ("Ses01M_script01_1_F000", "Ses01_F"), ("Ses01M_script01_1_M001", "Ses01_M"),
-        ("Ses01M_script01_1_F002", "Ses01_F")]
+        ("Ses01M_script01_1_F000", "Ses01_F"),
+        ("Ses01M_script01_1_M001", "Ses01_M"),
+        ("Ses01M_script01_1_F002", "Ses01_F"),
+    ]
     assert [u.dialogue_id for u, _ in ds.rows] == sorted(u.dialogue_id for u, _ in ds.rows)  # by dialogue name
     assert re.fullmatch(r".*Ses01F_impro01\.txt, line \d+", ds.rows[0][1])
     assert ds.report["unmatched_transcript_lines"] == 2  # "M: ..." and the ...MXX0 line
@@ -122,8 +155,9 @@ def test_iemocap_session5_is_test_and_the_dev_draw_is_fixed_by_the_seed(tmp_path
 
 
 def test_iemocap_too_few_dialogues_for_the_dev_draw(tmp_path: Path):
-    root = write_iemocap(tmp_path / "iemocap", {d: simple(d) for d in ("Ses01F_impro01", "Ses02F_impro01",
-                                                                       "Ses05F_impro01")})
+    root = write_iemocap(
+        tmp_path / "iemocap", {d: simple(d) for d in ("Ses01F_impro01", "Ses02F_impro01", "Ses05F_impro01")}
+    )
     with pytest.raises(DatasetError, match=r"2 Session 1-4 dialogue\(s\).*data.dev_dialogues=2"):
         read_iemocap(root, DataParams(dev_dialogues=2))
     assert len(read_iemocap(root, DataParams(dev_dialogues=1)).report["dev_dialogues"]) == 1
@@ -132,15 +166,21 @@ def test_iemocap_too_few_dialogues_for_the_dev_draw(tmp_path: Path):
 @pytest.mark.parametrize("policy", ["text_only", "skip"])
 def test_iemocap_missing_media_policy_and_partial_media(tmp_path: Path, policy: str):
     names = ["Ses01F_impro01", "Ses01F_impro02", "Ses01F_impro03", "Ses05F_impro01"]
-    root = write_iemocap(tmp_path / "iemocap", {d: simple(d) for d in names},
-                         no_avi={"Ses01F_impro02", "Ses01F_impro03"}, no_wav={"Ses01F_impro03", "Ses05F_impro01"})
+    root = write_iemocap(
+        tmp_path / "iemocap",
+        {d: simple(d) for d in names},
+        no_avi={"Ses01F_impro02", "Ses01F_impro03"},
+        no_wav={"Ses01F_impro03", "Ses05F_impro01"},
+    )
     ds = read_iemocap(root, DataParams(dev_dialogues=1, dev_seed=0, missing_clip=policy))
     missing = [m for r in ds.split_reports.values() for m in r["missing_clips"]]
     assert missing == ["Ses01F_impro03_F000", "Ses01F_impro03_M001"]
     assert ds.report["partial_media"] == ["Ses01F_impro02", "Ses05F_impro01"]
     table = {u.utterance_id: u for u, _ in ds.rows}
-    assert (table["Ses01F_impro02_F000"].clip, table["Ses01F_impro02_F000"].audio_clip.endswith(
-        "Session1/dialog/wav/Ses01F_impro02.wav")) == ("", True)
+    assert (
+        table["Ses01F_impro02_F000"].clip,
+        table["Ses01F_impro02_F000"].audio_clip.endswith("Session1/dialog/wav/Ses01F_impro02.wav"),
+    ) == ("", True)
     assert table["Ses05F_impro01_M001"].clip.endswith("avi/DivX/Ses05F_impro01.avi")
     assert table["Ses05F_impro01_M001"].audio_clip == ""
     if policy == "skip":
@@ -169,8 +209,14 @@ def test_iemocap_unknown_label_code_names_file_and_line(tmp_path: Path):
 
 def test_iemocap_duplicate_utterance_name(tmp_path: Path):
     utts = simple("Ses01F_impro01")
-    root = write_iemocap(tmp_path / "iemocap", {"Ses01F_impro01": utts + utts[:1], "Ses01F_impro02": simple(
-        "Ses01F_impro02"), "Ses05F_impro01": simple("Ses05F_impro01")})
+    root = write_iemocap(
+        tmp_path / "iemocap",
+        {
+            "Ses01F_impro01": utts + utts[:1],
+            "Ses01F_impro02": simple("Ses01F_impro02"),
+            "Ses05F_impro01": simple("Ses05F_impro01"),
+        },
+    )
     with pytest.raises(DatasetError, match=r"Ses01F_impro01\.txt, line 13: duplicate utterance Ses01F_impro01_F000"):
         read_iemocap(root, DataParams(dev_dialogues=1))
 
@@ -180,8 +226,11 @@ def test_iemocap_dialogue_in_two_sessions(tmp_path: Path):
     copy = root / "Session3" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
     copy.parent.mkdir(parents=True)
     copy.write_bytes((root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt").read_bytes())
-    with pytest.raises(DatasetError, match=r"Session3/dialog/EmoEvaluation/Ses01F_impro01\.txt: dialogue "
-                                           r"Ses01F_impro01 also in .*Session1/"):
+    with pytest.raises(
+        DatasetError,
+        match=r"Session3/dialog/EmoEvaluation/Ses01F_impro01\.txt: dialogue "
+        r"Ses01F_impro01 also in .*Session1/",
+    ):
         read_iemocap(root, DataParams(dev_dialogues=1))
 
 
@@ -200,7 +249,12 @@ def test_iemocap_through_prepare_derives_sentiment_and_merges_exc(iemocap: Path)
     assert labels["emotions"] == SIX
     sentiment = {u.emotion: u.sentiment for u in utterances}
     assert (sentiment["ang"], sentiment["exc"], sentiment["neu"], sentiment["fru"], sentiment["hap"]) == (
-        "negative", "positive", "neutral", "negative", "positive")
+        "negative",
+        "positive",
+        "neutral",
+        "negative",
+        "positive",
+    )
     assert report["dropped_labels"] == {"xxx": 1, "oth": 1, "sur": 1, "fea": 1, "dis": 1}
     assert report["splits"]["test"]["dialogues"] == 1 and report["splits"]["dev"]["dialogues"] == 1
 
@@ -212,8 +266,20 @@ def test_iemocap_through_prepare_derives_sentiment_and_merges_exc(iemocap: Path)
 
 # ---------------------------------------------------------------------------------------- manifest
 
-HEADER = ["dialogue_id", "utterance_id", "speaker", "text", "emotion", "split", "sentiment", "utterance_index",
-          "media", "audio", "start", "end"]
+HEADER = [
+    "dialogue_id",
+    "utterance_id",
+    "speaker",
+    "text",
+    "emotion",
+    "split",
+    "sentiment",
+    "utterance_index",
+    "media",
+    "audio",
+    "start",
+    "end",
+]
 
 
 def manifest_rows(root: Path) -> list[dict]:
@@ -222,14 +288,48 @@ def manifest_rows(root: Path) -> list[dict]:
     for name in ("clips/a.mp4", "clips/b.wav", "long.wav"):
         (root / name).write_bytes(b"")
     return [
-        {"dialogue_id": "d2", "utterance_id": "u5", "speaker": "Ann", "text": "Later.", "emotion": "Joy",
-         "split": "dev", "sentiment": "", "utterance_index": 0, "media": "", "audio": "", "start": "", "end": ""},
-        {"dialogue_id": "d1", "utterance_id": "u2", "speaker": " Bob ", "text": " Second\n  one ", "emotion": "anger",
-         "split": "train", "sentiment": "Negative", "utterance_index": 1, "media": "clips/b.wav",
-         "audio": str(root / "long.wav"), "start": 1.5, "end": 3},
-        {"dialogue_id": "d1", "utterance_id": "u1", "speaker": "Ann", "text": "First.", "emotion": "neutral",
-         "split": "train", "sentiment": "neutral", "utterance_index": 0, "media": "clips/a.mp4", "audio": "",
-         "start": 0, "end": 1.5},
+        {
+            "dialogue_id": "d2",
+            "utterance_id": "u5",
+            "speaker": "Ann",
+            "text": "Later.",
+            "emotion": "Joy",
+            "split": "dev",
+            "sentiment": "",
+            "utterance_index": 0,
+            "media": "",
+            "audio": "",
+            "start": "",
+            "end": "",
+        },
+        {
+            "dialogue_id": "d1",
+            "utterance_id": "u2",
+            "speaker": " Bob ",
+            "text": " Second\n  one ",
+            "emotion": "anger",
+            "split": "train",
+            "sentiment": "Negative",
+            "utterance_index": 1,
+            "media": "clips/b.wav",
+            "audio": str(root / "long.wav"),
+            "start": 1.5,
+            "end": 3,
+        },
+        {
+            "dialogue_id": "d1",
+            "utterance_id": "u1",
+            "speaker": "Ann",
+            "text": "First.",
+            "emotion": "neutral",
+            "split": "train",
+            "sentiment": "neutral",
+            "utterance_index": 0,
+            "media": "clips/a.mp4",
+            "audio": "",
+            "start": 0,
+            "end": 1.5,
+        },
     ]
 
 
@@ -259,9 +359,19 @@ def test_manifest_csv_and_jsonl_give_the_same_utterances(tmp_path: Path):
     assert utts(from_csv) == utts(from_jsonl)
     assert [u.utterance_id for u in utts(from_csv)] == ["u5", "u1", "u2"]  # d2 first, then d1 by index
     assert utts(from_csv)[2] == Utterance(
-        utterance_id="u2", split="train", dialogue_id="d1", utterance_index=1, speaker="Bob", text="Second one",
-        emotion="anger", sentiment="negative", clip=(tmp_path / "clips" / "b.wav").as_posix(),
-        audio_clip=(tmp_path / "long.wav").as_posix(), start=1.5, end=3.0)
+        utterance_id="u2",
+        split="train",
+        dialogue_id="d1",
+        utterance_index=1,
+        speaker="Bob",
+        text="Second one",
+        emotion="anger",
+        sentiment="negative",
+        clip=(tmp_path / "clips" / "b.wav").as_posix(),
+        audio_clip=(tmp_path / "long.wav").as_posix(),
+        start=1.5,
+        end=3.0,
+    )
     assert utts(from_csv)[0] == Utterance("u5", "dev", "d2", 0, "Ann", "Later.", "joy", "")
     assert utts(from_csv)[1].clip == (tmp_path / "clips" / "a.mp4").as_posix() and utts(from_csv)[1].start == 0.0
     assert from_csv.emotions == ["anger", "joy", "neutral"]
@@ -288,12 +398,16 @@ def test_manifest_folder_form(tmp_path: Path):
 
 def test_text_only_manifest_positions_and_cp1252(tmp_path: Path):
     path = tmp_path / "m.csv"
-    path.write_bytes("dialogue_id,utterance_id,speaker,text,emotion,split\r\n"
-                     "a,1,X,I don\x92t know,neutral,test\r\nb,2,Y,,sadness,test\r\na,3,X,Yes,neutral,test\r\n"
-                     .encode("latin-1"))
+    path.write_bytes(
+        "dialogue_id,utterance_id,speaker,text,emotion,split\r\n"
+        "a,1,X,I don\x92t know,neutral,test\r\nb,2,Y,,sadness,test\r\na,3,X,Yes,neutral,test\r\n".encode("latin-1")
+    )
     ds = read_manifest(path, DataParams())
     assert [(u.utterance_id, u.dialogue_id, u.utterance_index, u.text) for u in utts(ds)] == [
-        ("1", "a", 0, "I don\u2019t know"), ("3", "a", 1, "Yes"), ("2", "b", 0, "")]
+        ("1", "a", 0, "I don\u2019t know"),
+        ("3", "a", 1, "Yes"),
+        ("2", "b", 0, ""),
+    ]
     assert {(u.clip, u.audio_clip, u.start, u.end) for u in utts(ds)} == {("", "", None, None)}
     assert all(r["missing_clips"] == [] for r in ds.split_reports.values())
     assert ds.report["repaired_bytes"] == 1 and ds.emotions == ["neutral", "sadness"]
@@ -314,12 +428,16 @@ def test_manifest_missing_media_policy(tmp_path: Path, policy: str):
 
 
 def test_manifest_without_labels_for_prediction(tmp_path: Path):
-    rows = [{"dialogue_id": "c", "utterance_id": "x1", "speaker": "S", "text": "Hi"},
-            {"dialogue_id": "e", "utterance_id": "x2", "speaker": "T", "text": "Bye", "split": "dev"}]
+    rows = [
+        {"dialogue_id": "c", "utterance_id": "x1", "speaker": "S", "text": "Hi"},
+        {"dialogue_id": "e", "utterance_id": "x2", "speaker": "T", "text": "Bye", "split": "dev"},
+    ]
     path = write_csv(tmp_path / "m.csv", rows, ["dialogue_id", "utterance_id", "speaker", "text"])
     ds = read_manifest(path, DataParams(), require_labels=False)
     assert [(u.utterance_id, u.split, u.emotion, u.sentiment) for u in utts(ds)] == [
-        ("x1", "test", "", ""), ("x2", "test", "", "")]
+        ("x1", "test", "", ""),
+        ("x2", "test", "", ""),
+    ]
     assert ds.emotions == []
     with pytest.raises(DatasetError, match=r"m\.csv, row 0 \(header\): missing column\(s\) \['emotion', 'split'\]"):
         read_manifest(path, DataParams())
@@ -328,26 +446,52 @@ def test_manifest_without_labels_for_prediction(tmp_path: Path):
 
 
 def base_row(**kw) -> dict:
-    return {"dialogue_id": "d", "utterance_id": "u", "speaker": "S", "text": "t", "emotion": "neutral",
-            "split": "train", **kw}
+    return {
+        "dialogue_id": "d",
+        "utterance_id": "u",
+        "speaker": "S",
+        "text": "t",
+        "emotion": "neutral",
+        "split": "train",
+        **kw,
+    }
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([base_row(utterance_id="")], r"row 1 \(line 2\): empty utterance_id"),
-    ([base_row(dialogue_id=" ")], r"row 1 \(line 2\): empty dialogue_id"),
-    ([base_row(), base_row()], r"row 2 \(line 3\): duplicate utterance_id 'u' \(first at .*row 1"),
-    ([base_row(), base_row(utterance_id="v", split="test")],
-     r"row 2 \(line 3\): dialogue 'd' is in split 'test' here but 'train' at .*row 1.*one split"),
-    ([base_row(split="validation")], r"row 1 \(line 2\): split 'validation' is not one of train, dev, test"),
-    ([base_row(utterance_index="1.5")], r"row 1 \(line 2\): utterance_index must be an integer, got '1.5'"),
-    ([base_row(utterance_index=0), base_row(utterance_id="v", utterance_index=0)],
-     r"row 2 \(line 3\): utterance_index 0 repeats in dialogue 'd' \(first at .*row 1"),
-    ([base_row(start=2, end=1)], r"row 1 \(line 2\): start/end must satisfy 0 <= start < end.*start=2.0, end=1.0"),
-    ([base_row(start=-1)], r"row 1 \(line 2\): start/end must satisfy"),
-    ([base_row(start=1, end=1)], r"row 1 \(line 2\): start/end must satisfy"),
-    ([base_row(end="soon")], r"row 1 \(line 2\): end must be a number of seconds, got 'soon'"),
-], ids=["empty_id", "empty_dialogue", "duplicate_id", "two_splits", "bad_split", "index_not_int", "index_repeats",
-        "start_after_end", "negative_start", "empty_segment", "end_not_number"])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([base_row(utterance_id="")], r"row 1 \(line 2\): empty utterance_id"),
+        ([base_row(dialogue_id=" ")], r"row 1 \(line 2\): empty dialogue_id"),
+        ([base_row(), base_row()], r"row 2 \(line 3\): duplicate utterance_id 'u' \(first at .*row 1"),
+        (
+            [base_row(), base_row(utterance_id="v", split="test")],
+            r"row 2 \(line 3\): dialogue 'd' is in split 'test' here but 'train' at .*row 1.*one split",
+        ),
+        ([base_row(split="validation")], r"row 1 \(line 2\): split 'validation' is not one of train, dev, test"),
+        ([base_row(utterance_index="1.5")], r"row 1 \(line 2\): utterance_index must be an integer, got '1.5'"),
+        (
+            [base_row(utterance_index=0), base_row(utterance_id="v", utterance_index=0)],
+            r"row 2 \(line 3\): utterance_index 0 repeats in dialogue 'd' \(first at .*row 1",
+        ),
+        ([base_row(start=2, end=1)], r"row 1 \(line 2\): start/end must satisfy 0 <= start < end.*start=2.0, end=1.0"),
+        ([base_row(start=-1)], r"row 1 \(line 2\): start/end must satisfy"),
+        ([base_row(start=1, end=1)], r"row 1 \(line 2\): start/end must satisfy"),
+        ([base_row(end="soon")], r"row 1 \(line 2\): end must be a number of seconds, got 'soon'"),
+    ],
+    ids=[
+        "empty_id",
+        "empty_dialogue",
+        "duplicate_id",
+        "two_splits",
+        "bad_split",
+        "index_not_int",
+        "index_repeats",
+        "start_after_end",
+        "negative_start",
+        "empty_segment",
+        "end_not_number",
+    ],
+)
 def test_manifest_csv_errors_name_file_and_row(tmp_path: Path, rows: list[dict], message: str):
     header = list(dict.fromkeys(k for r in rows for k in r))
     path = write_csv(tmp_path / "bad.csv", rows, header)
@@ -365,13 +509,19 @@ def test_manifest_missing_column_and_empty_file(tmp_path: Path):
         read_manifest(path, DataParams())
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([json.dumps(base_row()), "{not json"], r"line 2: invalid JSON"),
-    ([json.dumps(base_row()), "", json.dumps([1, 2])], r"line 3: expected a JSON object, got list"),
-    ([json.dumps({k: v for k, v in base_row().items() if k != "text"})], r"line 1: missing key\(s\) \['text'\]"),
-    ([json.dumps(base_row(utterance_index=0)), json.dumps(base_row(utterance_id="v", utterance_index=True))],
-     r"line 2: utterance_index must be an integer, got True"),
-], ids=["invalid_json", "not_object", "missing_key", "bool_index"])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([json.dumps(base_row()), "{not json"], r"line 2: invalid JSON"),
+        ([json.dumps(base_row()), "", json.dumps([1, 2])], r"line 3: expected a JSON object, got list"),
+        ([json.dumps({k: v for k, v in base_row().items() if k != "text"})], r"line 1: missing key\(s\) \['text'\]"),
+        (
+            [json.dumps(base_row(utterance_index=0)), json.dumps(base_row(utterance_id="v", utterance_index=True))],
+            r"line 2: utterance_index must be an integer, got True",
+        ),
+    ],
+    ids=["invalid_json", "not_object", "missing_key", "bool_index"],
+)
 def test_manifest_jsonl_errors_name_file_and_line(tmp_path: Path, lines: list[str], message: str):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -380,12 +530,18 @@ def test_manifest_jsonl_errors_name_file_and_line(tmp_path: Path, lines: list[st
 
 
 def test_manifest_through_prepare_derives_sentiment_or_asks_for_a_map(tmp_path: Path):
-    rows = [base_row(utterance_id="a", emotion="Joy"), base_row(utterance_id="b", emotion="anger"),
-            base_row(utterance_id="c", emotion="neutral")]
+    rows = [
+        base_row(utterance_id="a", emotion="Joy"),
+        base_row(utterance_id="b", emotion="anger"),
+        base_row(utterance_id="c", emotion="neutral"),
+    ]
     path = write_csv(tmp_path / "m.csv", rows)
     utterances, labels, report = prepare(parse_params({"data": {"layout": "manifest", "root": str(path)}}))
     assert [(u.emotion, u.sentiment) for u in utterances] == [
-        ("joy", "positive"), ("anger", "negative"), ("neutral", "neutral")]
+        ("joy", "positive"),
+        ("anger", "negative"),
+        ("neutral", "neutral"),
+    ]
     assert labels == {"emotions": ["anger", "joy", "neutral"], "sentiments": ["negative", "neutral", "positive"]}
     assert report["sentiment_derived"] == 3
 
@@ -393,6 +549,7 @@ def test_manifest_through_prepare_derives_sentiment_or_asks_for_a_map(tmp_path: 
     params = parse_params({"data": {"layout": "manifest", "root": str(path)}})
     with pytest.raises(DatasetError, match=re.escape(str(path)) + r", row 4 .*data\.sentiment_map\.surprise"):
         prepare(params)
-    params = parse_params({"data": {"layout": "manifest", "root": str(path),
-                                    "sentiment_map": {"surprise": "positive"}}})
+    params = parse_params(
+        {"data": {"layout": "manifest", "root": str(path), "sentiment_map": {"surprise": "positive"}}}
+    )
     assert prepare(params)[0][3].sentiment == "positive"

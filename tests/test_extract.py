@@ -1,4 +1,5 @@
-"""Extraction stages (text, audio, visual) on tiny models built here, plus the real pretrained MiniLM."""
+"""Extraction stages (text, audio, visual) on tiny models built here, plus the real pretrained MiniLM; the stages'
+modality guard and the determinism of their reports."""
 
 from __future__ import annotations
 
@@ -11,21 +12,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FEATURES, PREPARED, UTTERANCES, run_extraction_stage, save_tiny_bert, write_utterances
 
-from conftest import save_tiny_bert, write_utterances
-from pipeline import extract_audio, extract_text, extract_visual
+from pipeline import extract_audio, extract_text, extract_visual, visual_features
 from pipeline.config import parse_params
 from pipeline.encoders import load_face_models, resolve_model_path
-from pipeline.features import load_table
+from pipeline.feature_table import load_table
+from pipeline.utterances import load_utterances
 
 CPU = torch.device("cpu")
 WORDS = "i am happy sad so very hate this cat dog love the train leaves".split()
-TINY_AUDIO = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-              "conv_dim": [8] * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+TINY_AUDIO = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "conv_dim": [8] * 7,
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
 
 
 def report(modality: str) -> dict:
     return json.loads(Path(f"data/features/{modality}_report.json").read_text(encoding="utf-8"))
+
+
+def run_stage(stage, params) -> None:
+    """Run an extraction stage on ``data/prepared/utterances.csv`` into ``data/features`` (dvc.yaml's paths)."""
+    stage.run(params, utterances=UTTERANCES, out=FEATURES)
 
 
 # --- text -----------------------------------------------------------------------------------------------------
@@ -61,8 +75,10 @@ def reference_states(model_dir: Path, text: str) -> torch.Tensor:
 
 
 def run_text(model: str, pooling: str, batch_size: int = 2):
-    extract_text.run(parse_params({"text": {"model": model, "pooling": pooling, "batch_size": batch_size,
-                                            "max_length": 16}}))
+    run_stage(
+        extract_text,
+        parse_params({"text": {"model": model, "pooling": pooling, "batch_size": batch_size, "max_length": 16}}),
+    )
     return load_table("data/features/text.safetensors")
 
 
@@ -141,8 +157,14 @@ def test_resolve_model_path():
 def test_extract_cli_before_prepare_exits_1(tmp_path: Path, repo_root: Path):
     env = {**os.environ, "PYTHONPATH": str(repo_root), "PYTHONWARNINGS": "ignore"}
     (tmp_path / "params.yaml").write_text("text:\n  pooling: cls\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "pipeline.extract_text"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.extract_text", "--utterances", str(UTTERANCES), "--out", str(FEATURES)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "utterances.csv" in lines[-1] and "prepare" in lines[-1]
@@ -153,17 +175,20 @@ def test_extract_cli_before_prepare_exits_1(tmp_path: Path, repo_root: Path):
 
 def test_extract_audio_reasons_and_report(stage_dir: Path, demo_root: Path, bad_clips: dict[str, Path]):
     train = demo_root / "train_splits"
-    write_utterances([
-        ("train/dia0_utt0", "x", "A", train / "dia0_utt0.mp4"),
-        ("train/dia0_utt1", "x", "B", train / "dia0_utt1.mp4"),
-        ("train/dia2_utt1", "x", "A", ""),  # the demo's missing clip
-        ("train/dia5_utt0", "x", "C", train / "dia5_utt0.mp4"),  # no audio stream
-        ("test/dia9_utt0", "x", "A", bad_clips["random"]),
-        ("test/dia9_utt1", "x", "B", bad_clips["empty"]),
-    ])
-    extract_audio.run(parse_params({"audio": {"random_init": TINY_AUDIO}}))
+    write_utterances(
+        [
+            ("train/dia0_utt0", "x", "A", train / "dia0_utt0.mp4"),
+            ("train/dia0_utt1", "x", "B", train / "dia0_utt1.mp4"),
+            ("train/dia2_utt1", "x", "A", ""),  # the demo's missing clip
+            ("train/dia5_utt0", "x", "C", train / "dia5_utt0.mp4"),  # no audio stream
+            ("test/dia9_utt0", "x", "A", bad_clips["random"]),
+            ("test/dia9_utt1", "x", "B", bad_clips["empty"]),
+        ]
+    )
+    # 4 of the 6 lost their audio on purpose: the modality guard (tested below) is lifted here
+    run_stage(extract_audio, parse_params({"audio": {"random_init": TINY_AUDIO, "max_masked_share": 1.0}}))
     table = load_table("data/features/audio.safetensors")
-    assert table.reasons == ["ok", "ok", "missing_clip", "no_audio", "decode_error", "decode_error"]
+    assert table.reasons == ["ok", "ok", "missing_clip", "no_audio", "corrupt", "corrupt"]
     assert table.mask.tolist() == [True, True, False, False, False, False]
     assert table.features.shape == (6, 16) and table.dim == TINY_AUDIO["hidden_size"]
     assert torch.count_nonzero(table.features[2:]) == 0
@@ -173,9 +198,12 @@ def test_extract_audio_reasons_and_report(stage_dir: Path, demo_root: Path, bad_
     assert table.info["pretrained"] is False and table.info["sample_rate"] == 16000
 
     r = report("audio")
-    assert r["reasons"] == {"ok": 2, "missing_clip": 1, "no_audio": 1, "decode_error": 2}
-    assert r["masked"] == {"missing_clip": ["train/dia2_utt1"], "no_audio": ["train/dia5_utt0"],
-                           "decode_error": ["test/dia9_utt0", "test/dia9_utt1"]}
+    assert r["reasons"] == {"ok": 2, "missing_clip": 1, "no_audio": 1, "corrupt": 2}
+    assert r["masked"] == {
+        "missing_clip": ["train/dia2_utt1"],
+        "no_audio": ["train/dia5_utt0"],
+        "corrupt": ["test/dia9_utt0", "test/dia9_utt1"],
+    }
     assert r["dim"] == 16 and r["encoder"]["pretrained"] is False and r["utterances"] == 6
 
 
@@ -184,25 +212,29 @@ def test_extract_audio_survives_a_very_short_audio_track(stage_dir: Path, clips:
 
     assert 0 < load_audio(clips["short_audio"]).numel() < 400
     write_utterances([("train/dia0_utt0", "x", "A", clips["short_audio"])])
-    extract_audio.run(parse_params({"audio": {"random_init": TINY_AUDIO}}))
+    # the one clip may lose its audio (no_audio): the guard is lifted, this test is about not crashing
+    run_stage(extract_audio, parse_params({"audio": {"random_init": TINY_AUDIO, "max_masked_share": 1.0}}))
     table = load_table("data/features/audio.safetensors")
     assert torch.isfinite(table.features).all()
     assert table.reasons[0] in ("ok", "no_audio", "decode_error")
 
 
-@pytest.mark.parametrize("norm", [
-    "layer",
-    "group",
-])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        "layer",
+        "group",
+    ],
+)
 def test_audio_features_do_not_depend_on_the_batch(stage_dir: Path, demo_root: Path, norm: str):
     train = demo_root / "train_splits"
     write_utterances([(f"train/dia0_utt{u}", "x", "A", train / f"dia0_utt{u}.mp4") for u in range(3)])
     params = {"audio": {"random_init": {**TINY_AUDIO, "feat_extract_norm": norm}}}
-    extract_audio.run(parse_params({"audio": {**params["audio"], "batch_size": 1}}))
+    run_stage(extract_audio, parse_params({"audio": {**params["audio"], "batch_size": 1}}))
     alone = load_table("data/features/audio.safetensors").features
     shutil.rmtree("data/interim")  # batch_size is not part of the cache key: recompute
     # clips of different lengths padded together
-    extract_audio.run(parse_params({"audio": {**params["audio"], "batch_size": 8}}))
+    run_stage(extract_audio, parse_params({"audio": {**params["audio"], "batch_size": 8}}))
     batched = load_table("data/features/audio.safetensors").features
     assert torch.count_nonzero(alone) > 0
     assert torch.allclose(alone, batched, atol=1e-4), (alone - batched).abs().max()
@@ -217,15 +249,21 @@ def face_models():
 
 
 def test_extract_visual_reasons_and_report(stage_dir: Path, demo_root: Path, bad_clips: dict[str, Path]):
-    write_utterances([
-        ("train/dia0_utt0", "x", "A", demo_root / "train_splits" / "dia0_utt0.mp4"),  # a face
-        ("test/dia1_utt2", "x", "B", demo_root / "output_repeated_splits_test" / "dia1_utt2.mp4"),  # no face
-        ("test/dia9_utt0", "x", "A", bad_clips["truncated"]),
-        ("train/dia2_utt1", "x", "A", ""),
-    ])
-    extract_visual.run(parse_params({"visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}}))
+    write_utterances(
+        [
+            ("train/dia0_utt0", "x", "A", demo_root / "train_splits" / "dia0_utt0.mp4"),  # a face
+            ("test/dia1_utt2", "x", "B", demo_root / "output_repeated_splits_test" / "dia1_utt2.mp4"),  # no face
+            ("test/dia9_utt0", "x", "A", bad_clips["truncated"]),
+            ("train/dia2_utt1", "x", "A", ""),
+        ]
+    )
+    # 3 of the 4 lost their video on purpose: the modality guard (tested below) is lifted here
+    returned = run_extraction_stage(
+        extract_visual,
+        parse_params({"visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0, "max_masked_share": 1.0}}),
+    )
     table = load_table("data/features/visual.safetensors")
-    assert table.reasons == ["ok", "no_face", "decode_error", "missing_clip"]
+    assert table.reasons == ["ok", "no_face", "truncated", "missing_clip"]
     assert table.mask.tolist() == [True, False, False, False]
     assert table.features.shape == (4, 512)
     assert torch.count_nonzero(table.features[1:]) == 0
@@ -234,11 +272,14 @@ def test_extract_visual_reasons_and_report(stage_dir: Path, demo_root: Path, bad
     assert table.info["pretrained"] is False and table.info["max_frames"] == 2
 
     r = report("visual")
-    assert r["per_clip"] == {"train/dia0_utt0": {"frames": 2, "faces_per_frame": [1, 1], "frames_tracked": 2},
-                             "test/dia1_utt2": {"frames": 2, "faces_per_frame": [0, 0], "frames_tracked": 0}}
-    assert r["frames"] == 4
-    assert r["reasons"] == {"ok": 1, "no_face": 1, "decode_error": 1, "missing_clip": 1}
-    assert r["masked"]["no_face"] == ["test/dia1_utt2"] and r["masked"]["decode_error"] == ["test/dia9_utt0"]
+    assert r["per_clip"] == {
+        "train/dia0_utt0": {"frames": 2, "faces_per_frame": [1, 1], "frames_tracked": 2},
+        "test/dia1_utt2": {"frames": 2, "faces_per_frame": [0, 0], "frames_tracked": 0},
+    }
+    assert returned["run"]["frames"] == 4  # a run fact: logged and returned, not in the report file
+    assert {k: v for k, v in returned.items() if k != "run"} == r
+    assert r["reasons"] == {"ok": 1, "no_face": 1, "truncated": 1, "missing_clip": 1}
+    assert r["masked"]["no_face"] == ["test/dia1_utt2"] and r["masked"]["truncated"] == ["test/dia9_utt0"]
     assert r["encoder"]["pretrained"] is False
 
 
@@ -259,7 +300,7 @@ def embed(frames, face_models, **settings):
     mtcnn, embedder, _ = face_models
     visual = parse_params({"visual": {"face_weights": "random", "batch_frames": 1}}).visual
     # model_copy skips validation: min_face_prob 1.01 rejects even the demo's p = 1.0 faces
-    return extract_visual.embed_faces(frames, mtcnn, embedder, visual.model_copy(update=settings), CPU)
+    return visual_features.embed_faces(frames, mtcnn, embedder, visual.model_copy(update=settings), CPU)
 
 
 def test_embed_faces_one_frame_per_batch(face_models, demo_root: Path):
@@ -285,14 +326,27 @@ def test_embed_faces_batch_with_and_without_faces(face_models, demo_root: Path):
 
 def test_extract_visual_clip_where_the_face_leaves(stage_dir: Path, demo_root: Path, ffmpeg):
     clip = stage_dir / "face_then_blank.mp4"  # the demo's face clip followed by its no-face clip
-    ffmpeg("-i", str(demo_root / "train_splits" / "dia0_utt0.mp4"),
-           "-i", str(demo_root / "output_repeated_splits_test" / "dia1_utt2.mp4"),
-           "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]", "-map", "[v]", "-c:v", "libx264", str(clip))
+    ffmpeg(
+        "-i",
+        str(demo_root / "train_splits" / "dia0_utt0.mp4"),
+        "-i",
+        str(demo_root / "output_repeated_splits_test" / "dia1_utt2.mp4"),
+        "-filter_complex",
+        "[0:v][1:v]concat=n=2:v=1:a=0[v]",
+        "-map",
+        "[v]",
+        "-c:v",
+        "libx264",
+        str(clip),
+    )
     write_utterances([("train/dia0_utt0", "x", "A", clip)])
-    extract_visual.run(parse_params({"visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}}))
+    run_stage(extract_visual, parse_params({"visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}}))
     assert load_table("data/features/visual.safetensors").reasons == ["ok"]
-    assert report("visual")["per_clip"]["train/dia0_utt0"] == {"frames": 2, "faces_per_frame": [1, 0],
-                                                               "frames_tracked": 1}
+    assert report("visual")["per_clip"]["train/dia0_utt0"] == {
+        "frames": 2,
+        "faces_per_frame": [1, 0],
+        "frames_tracked": 1,
+    }
 
 
 def test_load_face_models_missing_weights_path(tmp_path: Path):
@@ -321,3 +375,137 @@ def test_load_face_models_rejects_a_state_dict_of_another_model(tmp_path: Path):
     torch.save({"encoder.weight": torch.zeros(4, 4)}, path)
     with pytest.raises(ValueError, match="not an InceptionResnetV1 state dict"):
         load_face_models(str(path), 0.9, CPU)
+
+
+# --- the modality guard of the stages (pipeline.reports.check_masked_share) -------------------------------------
+
+
+def corrupt_clips(folder: Path, n: int) -> list[Path]:
+    """``n`` files of random bytes named like clips (nothing decodes them)."""
+    import random
+
+    rng = random.Random(0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"corrupt{i}.mp4")
+        paths[-1].write_bytes(bytes(rng.randrange(256) for _ in range(5000)))
+    return paths
+
+
+def test_audio_stage_fails_when_every_clip_is_corrupt(stage_dir: Path):
+    from pipeline.reports import ModalityLostError
+
+    clips = corrupt_clips(stage_dir, 4)
+    write_utterances([(f"train/dia0_utt{i}", "x", "AB"[i % 2], clip) for i, clip in enumerate(clips)])
+    with pytest.raises(ModalityLostError) as err:
+        run_stage(extract_audio, parse_params({"audio": {"random_init": TINY_AUDIO}}))
+    message = str(err.value)
+    assert "audio: 4 of 4 utterances (100%) lost their audio modality" in message
+    assert "audio.max_masked_share=50%" in message
+    assert "corrupt: 4 utterances, e.g. train/dia0_utt0" in message and str(clips[0]) in message
+    # the features and the report are written (they say what happened), the stage fails
+    assert report("audio")["reasons"] == {"corrupt": 4}
+
+
+def test_audio_stage_cli_on_corrupt_clips_exits_1_with_the_guard_error(tmp_path: Path, repo_root: Path):
+    clips = corrupt_clips(tmp_path, 3)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        write_utterances([(f"train/dia0_utt{i}", "x", "A", clip) for i, clip in enumerate(clips)])
+    finally:
+        os.chdir(cwd)
+    (tmp_path / "params.yaml").write_text(json.dumps({"audio": {"random_init": TINY_AUDIO}}), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.extract_audio", "--utterances", str(UTTERANCES), "--out", str(FEATURES)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: audio: 3 of 3 utterances (100%) lost their audio modality" in result.stderr
+    assert str(clips[0]) in result.stderr
+
+
+def test_text_only_manifest_passes_the_audio_and_visual_stages(stage_dir: Path):
+    from pipeline import prepare
+
+    manifest = stage_dir / "manifest.csv"
+    manifest.write_text(
+        "dialogue_id,utterance_id,speaker,text,emotion,split\n"
+        "d0,u0,A,i am happy,joy,train\nd0,u1,B,i am sad,sadness,train\n"
+        "d1,u2,A,hate this cat,anger,dev\nd2,u3,C,love the dog,joy,test\n",
+        encoding="utf-8",
+    )
+    params = parse_params(
+        {
+            "data": {"layout": "manifest", "root": str(manifest)},
+            "audio": {"random_init": TINY_AUDIO},
+            "visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0},
+        }
+    )
+    prepare.run(params, out=PREPARED)
+    assert all(u.clip == "" and u.audio_source == "" for u in load_utterances(UTTERANCES))
+    for stage, modality in ((extract_audio, "audio"), (extract_visual, "visual")):
+        returned = run_extraction_stage(stage, params)  # no media at all: nothing was lost, no error
+        assert returned["reasons"] == {"missing_clip": 4}, modality
+        assert load_table(FEATURES / f"{modality}.safetensors").mask.tolist() == [False] * 4
+
+
+# --- reports: only what inputs, settings and code determine ----------------------------------------------------
+
+RUN_FACT_WORDS = ("seconds", "per_second", "device", "resumed", "cache")
+
+
+def report_keys(obj, path: str = ""):
+    """Every key of a report (dotted), except inside ``encoder.params``: the stage's settings echoed as given
+    (``audio.max_seconds`` is a setting, not a timing)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            yield dotted
+            if dotted != "encoder.params":
+                yield from report_keys(value, dotted)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from report_keys(value, path)
+
+
+@pytest.mark.parametrize("stage", [extract_text, extract_audio, extract_visual], ids=["text", "audio", "visual"])
+def test_report_holds_no_run_facts_and_a_warm_rerun_rewrites_it_byte_for_byte(
+    stage_dir: Path, demo_root: Path, tiny_bert: Path, stage
+):
+    modality = stage.__name__.rsplit("_", 1)[1]
+    train = demo_root / "train_splits"
+    write_utterances(
+        [
+            ("train/dia0_utt0", "i am happy", "A", train / "dia0_utt0.mp4"),
+            ("train/dia0_utt1", "", "B", train / "dia0_utt1.mp4"),
+            ("train/dia0_utt2", "hate this cat", "A", train / "dia0_utt2.mp4"),
+            ("train/dia2_utt1", "love the dog", "C", ""),
+        ]
+    )
+    params = parse_params(
+        {
+            "text": {"model": str(tiny_bert), "max_length": 16},
+            "audio": {"random_init": TINY_AUDIO},
+            "visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0},
+        }
+    )
+    report_path, features_path = FEATURES / f"{modality}_report.json", FEATURES / f"{modality}.safetensors"
+    first = run_extraction_stage(stage, params)
+    written = report_path.read_bytes()
+    assert json.loads(written) == {k: v for k, v in first.items() if k != "run"}
+    offending = [k for k in report_keys(json.loads(written)) if any(w in k.lower() for w in RUN_FACT_WORDS)]
+    assert offending == [], offending
+    # ...they are run facts: returned (and logged) instead
+    assert first["run"]["resumed_from_cache"] == 0 and "seconds" in first["run"] and "device" in first["run"]
+    features = features_path.read_bytes()
+
+    second = run_extraction_stage(stage, params)
+    assert second["run"]["resumed_from_cache"] == 4  # everything came from the warm cache
+    assert report_path.read_bytes() == written
+    assert features_path.read_bytes() == features

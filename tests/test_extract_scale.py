@@ -21,29 +21,56 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import FEATURES, UTTERANCES, run_extraction_stage, save_tiny_bert, write_utterances
 
-from conftest import save_tiny_bert, write_utterances
-from pipeline import extract_audio, extract_text, extract_visual
+from pipeline import audio_features, extract_audio, extract_visual, text_features, visual_features
 from pipeline.config import load_params, parse_params
-from pipeline.datasets import Utterance
 from pipeline.encoders import load_audio_encoder, load_face_models
-from pipeline.features import ExtractionCache, load_table
+from pipeline.extraction_cache import ExtractionCache, code_fingerprint, stage_code_files
+from pipeline.feature_table import load_table
 from pipeline.media import MediaError, load_audio, sample_frames
+from pipeline.utterances import Utterance
 
 CPU = torch.device("cpu")
 WORDS = "i am happy sad so very hate this cat dog love the train leaves".split()
 EXTRA = "a b c d : | hi there ok alone you me".split()
-TINY_AUDIO = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-              "conv_dim": [8] * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+TINY_AUDIO = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "conv_dim": [8] * 7,
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
 
 
-def utt(uid: str, text: str = "x", speaker: str = "A", clip: str | Path = "", start: float | None = None,
-        end: float | None = None) -> Utterance:
+def utt(
+    uid: str,
+    text: str = "x",
+    speaker: str = "A",
+    clip: str | Path = "",
+    start: float | None = None,
+    end: float | None = None,
+) -> Utterance:
     """An utterance; dialogue id and index come from ``split/diaD_uttU``."""
     split, name = uid.split("/")
     d, u = name[3:].split("_utt")
-    return Utterance(uid, split, f"{split}/{d}", int(u), speaker, text, "neutral", "neutral",
-                     str(clip) if clip else "", "", start, end)
+    return Utterance(
+        uid,
+        split,
+        f"{split}/{d}",
+        int(u),
+        speaker,
+        text,
+        "neutral",
+        "neutral",
+        str(clip) if clip else "",
+        "",
+        start,
+        end,
+    )
 
 
 def read_report(features_dir: Path, modality: str) -> dict:
@@ -102,10 +129,10 @@ def face_models():
 
 @pytest.fixture
 def cached_face_models(face_models, monkeypatch: pytest.MonkeyPatch):
-    """extract_visual loads the module's face models instead of building them again (5 s each on a CPU).
+    """The visual stage loads the module's face models instead of building them again (5 s each on a CPU).
 
     Valid for ``min_face_prob >= 0.7`` (MTCNN's last threshold is ``min(0.7, min_face_prob)``)."""
-    monkeypatch.setattr(extract_visual, "load_face_models", lambda weights, min_prob, device: face_models)
+    monkeypatch.setattr(visual_features, "load_face_models", lambda weights, min_prob, device: face_models)
     return face_models
 
 
@@ -122,13 +149,38 @@ def media(tmp_path_factory: pytest.TempPathFactory, ffmpeg) -> dict[str, Path]:
     signal_expr = "0.5*sin(2*PI*(200+300*t)*t)+0.2*sin(2*PI*1234*t)"
     ffmpeg("-f", "lavfi", "-i", f"aevalsrc={signal_expr}:s=16000:d=3", "-c:a", "pcm_s16le", str(out / "chirp16.wav"))
     ffmpeg("-f", "lavfi", "-i", f"aevalsrc={signal_expr}:s=44100:d=3", "-c:a", "pcm_s16le", str(out / "chirp44.wav"))
-    ffmpeg("-f", "lavfi", "-i", f"aevalsrc={signal_expr}:s=16000:d=3", "-c:a", "aac", "-b:a", "128k",
-           str(out / "chirp16.m4a"))
-    ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=64x48:r=10:d=1", "-f", "lavfi", "-i",
-           "sine=frequency=300:sample_rate=16000:duration=1", "-pix_fmt", "yuv420p", "-c:v", "libx264",
-           "-c:a", "aac", "-shortest", str(out / "grey.mp4"))
-    ffmpeg("-f", "lavfi", "-i", "anoisesrc=d=10:c=white:r=16000:a=0.5:seed=1", "-c:a", "pcm_s16le",
-           str(out / "long16.wav"))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        f"aevalsrc={signal_expr}:s=16000:d=3",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "128k",
+        str(out / "chirp16.m4a"),
+    )
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=gray:s=64x48:r=10:d=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=300:sample_rate=16000:duration=1",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:v",
+        "libx264",
+        "-c:a",
+        "aac",
+        "-shortest",
+        str(out / "grey.mp4"),
+    )
+    ffmpeg(
+        "-f", "lavfi", "-i", "anoisesrc=d=10:c=white:r=16000:a=0.5:seed=1", "-c:a", "pcm_s16le", str(out / "long16.wav")
+    )
     return {p.name: p for p in out.iterdir()}
 
 
@@ -149,13 +201,13 @@ def test_text_extraction_resumes_after_an_interrupt(tmp_path: Path, tiny_bert: P
     utterances = many_texts()
     params = text_params(tiny_bert, batch_size=4)
     cache_root, features = tmp_path / "cache", tmp_path / "features"
-    monkeypatch.setattr(extract_text, "ExtractionCache", functools.partial(ExtractionCache, flush_every=3))
+    monkeypatch.setattr(text_features, "ExtractionCache", functools.partial(ExtractionCache, flush_every=3))
 
-    real_load, real_encode = extract_text.load_text_encoder, extract_text.encode_texts
+    real_load, real_encode = text_features.load_text_encoder, text_features.encode_texts
     forwards = []
 
-    def load_interrupted(spec, device):
-        tokenizer, model, info = real_load(spec, device)
+    def load_interrupted(spec, device, revision=None):
+        tokenizer, model, info = real_load(spec, device, revision)
 
         def ctrl_c_after_five_batches(module, args, kwargs):
             forwards.append(kwargs["input_ids"].shape[0])
@@ -165,9 +217,9 @@ def test_text_extraction_resumes_after_an_interrupt(tmp_path: Path, tiny_bert: P
         model.register_forward_pre_hook(ctrl_c_after_five_batches, with_kwargs=True)
         return tokenizer, model, info
 
-    monkeypatch.setattr(extract_text, "load_text_encoder", load_interrupted)
+    monkeypatch.setattr(text_features, "load_text_encoder", load_interrupted)
     with pytest.raises(KeyboardInterrupt):
-        extract_text.extract(utterances, params, features, cache_root)
+        text_features.extract(utterances, params, features, cache_root)
     assert forwards == [4] * 6  # the 6th batch was interrupted before it ran
     assert not (features / "text.safetensors").exists() and not (features / "text_report.json").exists()
     # 2 empty texts + 5 batches of 4 = 22 results: 7 shards of 3 while running, the last one on the way out.
@@ -176,42 +228,64 @@ def test_text_extraction_resumes_after_an_interrupt(tmp_path: Path, tiny_bert: P
     done = [u for s in shards for u in s]
     assert len(set(done)) == 22 and {"train/dia1_utt1", "train/dia4_utt1"} <= set(done)
 
-    monkeypatch.setattr(extract_text, "load_text_encoder", real_load)
+    monkeypatch.setattr(text_features, "load_text_encoder", real_load)
     encoded: list[int] = []
 
     def counting_encode(inputs, *args, **kwargs):
         encoded.append(len(inputs))
         return real_encode(inputs, *args, **kwargs)
 
-    monkeypatch.setattr(extract_text, "encode_texts", counting_encode)
-    report = extract_text.extract(utterances, params, features, cache_root)
+    monkeypatch.setattr(text_features, "encode_texts", counting_encode)
+    report = text_features.extract(utterances, params, features, cache_root)
     assert encoded == [40 - 22]  # only the unfinished utterances
-    assert report["resumed_from_cache"] == 22 and report["encoded"] == 18
+    assert report["run"]["resumed_from_cache"] == 22 and report["run"]["encoded"] == 18
     resumed = load_table(features / "text.safetensors")
 
     encoded.clear()
-    fresh_report = extract_text.extract(utterances, params, tmp_path / "fresh", tmp_path / "fresh_cache")
-    assert encoded == [38] and fresh_report["resumed_from_cache"] == 0
+    fresh_report = text_features.extract(utterances, params, tmp_path / "fresh", tmp_path / "fresh_cache")
+    assert encoded == [38] and fresh_report["run"]["resumed_from_cache"] == 0
     fresh = load_table(tmp_path / "fresh" / "text.safetensors")
     assert resumed.utterance_ids == fresh.utterance_ids == [u.utterance_id for u in utterances]
     assert resumed.reasons == fresh.reasons and resumed.reasons.count("empty_text") == 2
     assert torch.allclose(resumed.features, fresh.features, atol=1e-5), (resumed.features - fresh.features).abs().max()
 
 
-def test_visual_stage_killed_with_sigkill_resumes(stage_dir: Path, demo_root: Path, repo_root: Path,
-                                                  cached_face_models, caplog):
+def test_visual_stage_killed_with_sigkill_resumes(
+    stage_dir: Path, demo_root: Path, repo_root: Path, cached_face_models, caplog
+):
     clips = sorted((demo_root / "train_splits").glob("*.mp4"))[:32]
     assert len(clips) == 32
     utterances = write_utterances([(f"train/dia{i}_utt0", "x", "A", clip) for i, clip in enumerate(clips)])
-    (stage_dir / "params.yaml").write_text("visual:\n  face_weights: random\n  max_frames: 1\n  fps: 2.0\n",
-                                           encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(repo_root), "DGLBACKEND": "pytorch", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
+    (stage_dir / "params.yaml").write_text(
+        "visual:\n  face_weights: random\n  max_frames: 1\n  fps: 2.0\n", encoding="utf-8"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo_root),
+        "DGLBACKEND": "pytorch",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     log_path = stage_dir / "killed.log"
     shards = "data/interim/cache/visual/*/shard-*.safetensors"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.extract_visual", "--params", "params.yaml"],
-                                cwd=stage_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.extract_visual",
+                "--params",
+                "params.yaml",
+                "--utterances",
+                str(UTTERANCES),
+                "--out",
+                str(FEATURES),
+            ],
+            cwd=stage_dir,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 240
             while not list(stage_dir.glob(shards)):  # visual flushes every 16 utterances
@@ -229,14 +303,14 @@ def test_visual_stage_killed_with_sigkill_resumes(stage_dir: Path, demo_root: Pa
     ids = [u.utterance_id for u in utterances]
     # One shard: the first 16 utterances (or fewer, when a slow machine reached flush_seconds first).
     shards = shard_ids(Path("data/interim/cache/visual"))
-    assert len(shards) == 1 and 0 < len(shards[0]) <= 16 and shards[0] == ids[:len(shards[0])]
+    assert len(shards) == 1 and 0 < len(shards[0]) <= 16 and shards[0] == ids[: len(shards[0])]
     done = len(shards[0])
 
     caplog.set_level(logging.INFO, logger="pipeline.extract_visual")
-    extract_visual.run(load_params("params.yaml"))
+    returned = run_extraction_stage(extract_visual, load_params("params.yaml"))
     assert f"resumed: {done} of 32 utterances came from the cache" in caplog.text
     report = json.loads(Path("data/features/visual_report.json").read_text(encoding="utf-8"))
-    assert report["resumed_from_cache"] == done and report["utterances"] == 32
+    assert returned["run"]["resumed_from_cache"] == done and report["utterances"] == 32
     assert set(report["per_clip"]) == set(ids)  # the diagnostics of resumed utterances came back from the shard
     assert report["per_clip"][ids[0]]["frames"] == 1
     table = load_table("data/features/visual.safetensors")
@@ -244,7 +318,7 @@ def test_visual_stage_killed_with_sigkill_resumes(stage_dir: Path, demo_root: Pa
     # A row written by the killed process equals the same utterance computed here.
     mtcnn, embedder, _ = cached_face_models
     settings = load_params("params.yaml").visual
-    embedding, _ = extract_visual.embed_faces(sample_frames(clips[0], 2.0, 1), mtcnn, embedder, settings, CPU)
+    embedding, _ = visual_features.embed_faces(sample_frames(clips[0], 2.0, 1), mtcnn, embedder, settings, CPU)
     assert table.reasons[0] == "ok" and torch.allclose(table.features[0], embedding, atol=1e-5)
 
 
@@ -252,21 +326,21 @@ def test_edited_text_reencodes_only_that_utterance(tmp_path: Path, tiny_bert: Pa
     utterances = many_texts(12, empty=())
     params = text_params(tiny_bert)
     encoded: list[str] = []
-    real_encode = extract_text.encode_texts
+    real_encode = text_features.encode_texts
 
     def counting_encode(inputs, *args, **kwargs):
         encoded.extend(text for text, _ in inputs)
         return real_encode(inputs, *args, **kwargs)
 
-    monkeypatch.setattr(extract_text, "encode_texts", counting_encode)
-    extract_text.extract(utterances, params, tmp_path / "f", tmp_path / "c")
+    monkeypatch.setattr(text_features, "encode_texts", counting_encode)
+    text_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
     before = load_table(tmp_path / "f" / "text.safetensors").features
     assert len(encoded) == 12
 
     encoded.clear()
     utterances[5] = utt(utterances[5].utterance_id, "love the train", utterances[5].speaker)
-    report = extract_text.extract(utterances, params, tmp_path / "f", tmp_path / "c")
-    assert encoded == ["love the train"] and report["resumed_from_cache"] == 11
+    report = text_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
+    assert encoded == ["love the train"] and report["run"]["resumed_from_cache"] == 11
     after = load_table(tmp_path / "f" / "text.safetensors").features
     others = [i for i in range(12) if i != 5]
     assert torch.equal(after[others], before[others])
@@ -277,30 +351,134 @@ def test_edited_text_reencodes_only_that_utterance(tmp_path: Path, tiny_bert: Pa
 
     # With dialogue context, an edit changes the input of the neighbours too: they are re-encoded.
     ctx = text_params(tiny_bert, context_window=1)
-    extract_text.extract(utterances, ctx, tmp_path / "f", tmp_path / "c")
+    text_features.extract(utterances, ctx, tmp_path / "f", tmp_path / "c")
     encoded.clear()
     utterances[5] = utt(utterances[5].utterance_id, "the cat", utterances[5].speaker)  # dialogue 1: rows 4-7
-    extract_text.extract(utterances, ctx, tmp_path / "f", tmp_path / "c")
+    text_features.extract(utterances, ctx, tmp_path / "f", tmp_path / "c")
     assert sorted(encoded) == sorted(["A: " + utterances[4].text, "B: the cat", "A: " + utterances[6].text])
 
 
 def test_changed_text_params_use_a_new_cache_key(tmp_path: Path, tiny_bert: Path):
     utterances = many_texts(8, empty=())
-    first = extract_text.extract(utterances, text_params(tiny_bert, pooling="mean"), tmp_path / "f", tmp_path / "c")
+    first = text_features.extract(utterances, text_params(tiny_bert, pooling="mean"), tmp_path / "f", tmp_path / "c")
     mean = load_table(tmp_path / "f" / "text.safetensors").features
-    cls = extract_text.extract(utterances, text_params(tiny_bert, pooling="cls"), tmp_path / "f", tmp_path / "c")
+    cls = text_features.extract(utterances, text_params(tiny_bert, pooling="cls"), tmp_path / "f", tmp_path / "c")
+    first, cls = first["run"], cls["run"]
     assert cls["cache"] != first["cache"] and Path(cls["cache"]).parent == Path(first["cache"]).parent
     assert cls["resumed_from_cache"] == 0 and cls["encoded"] == 8
     assert not torch.allclose(load_table(tmp_path / "f" / "text.safetensors").features, mean, atol=1e-3)
     assert sorted(p.name for p in (tmp_path / "c" / "text").iterdir()) == sorted(
-        [Path(first["cache"]).name, Path(cls["cache"]).name])
-    again = extract_text.extract(utterances, text_params(tiny_bert, pooling="mean"), tmp_path / "f", tmp_path / "c")
+        [Path(first["cache"]).name, Path(cls["cache"]).name]
+    )
+    again = text_features.extract(utterances, text_params(tiny_bert, pooling="mean"), tmp_path / "f", tmp_path / "c")[
+        "run"
+    ]
     assert again["cache"] == first["cache"] and again["resumed_from_cache"] == 8 and again["encoded"] == 0
     assert torch.equal(load_table(tmp_path / "f" / "text.safetensors").features, mean)
     # runtime-only settings (batch size, CUDA dtype) keep the key: a smaller batch after an OOM resumes
-    smaller = extract_text.extract(utterances, text_params(tiny_bert, pooling="mean", batch_size=1,
-                                                           cuda_dtype="bfloat16"), tmp_path / "f", tmp_path / "c")
+    smaller = text_features.extract(
+        utterances,
+        text_params(tiny_bert, pooling="mean", batch_size=1, cuda_dtype="bfloat16"),
+        tmp_path / "f",
+        tmp_path / "c",
+    )["run"]
     assert smaller["cache"] == first["cache"] and smaller["resumed_from_cache"] == 8
+
+
+def copy_stage_code(stage: str, root: Path) -> Path:
+    """Copy the ``pipeline/`` files that dvc.yaml lists for ``stage`` into ``root/pipeline/`` and write a
+    ``root/dvc.yaml`` whose deps for ``stage`` are the copies; returns that dvc.yaml."""
+    files = stage_code_files(stage)
+    (root / "pipeline").mkdir(parents=True)
+    for f in files:
+        shutil.copyfile(f, root / "pipeline" / f.name)
+    deps = [f"pipeline/{f.name}" for f in files]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {stage: {"cmd": "-", "deps": deps}}}), encoding="utf-8")
+    return root / "dvc.yaml"
+
+
+def test_a_code_change_recomputes_every_utterance(tmp_path: Path, tiny_bert: Path, monkeypatch):
+    utterances = many_texts(12, empty=(3,))
+    params = text_params(tiny_bert)
+    features, cache_root = tmp_path / "f", tmp_path / "c"
+    encoded: list[int] = []
+    real_encode = text_features.encode_texts
+
+    def counting_encode(inputs, *args, **kwargs):
+        encoded.append(len(inputs))
+        return real_encode(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(text_features, "encode_texts", counting_encode)
+
+    def run() -> dict:
+        encoded.clear()
+        return text_features.extract(utterances, params, features, cache_root)["run"]
+
+    first = run()
+    assert encoded == [11] and first["resumed_from_cache"] == 0
+    reference = load_table(features / "text.safetensors").features
+    # Nothing changed: everything resumes, the encoder is not called.
+    again = run()
+    assert encoded == [] and again["resumed_from_cache"] == 12 and again["cache"] == first["cache"]
+
+    # The stage's code as dvc.yaml lists it, copied, keyed through a dvc.yaml listing the copies: same code,
+    # same key, everything resumes.
+    dvc_yaml = copy_stage_code("extract_text", tmp_path / "repo")
+    assert code_fingerprint("extract_text", dvc_yaml) == code_fingerprint("extract_text")
+    monkeypatch.setattr(
+        text_features,
+        "ExtractionCache",
+        lambda *args, **kwargs: ExtractionCache(*args, code=code_fingerprint("extract_text", dvc_yaml), **kwargs),
+    )
+    copied = run()
+    assert encoded == [] and copied["resumed_from_cache"] == 12 and copied["cache"] == first["cache"]
+
+    # A one-line change of the stage's source (a code fix that happens to give the same numbers here):
+    # a new key, and every utterance is computed again, the empty one included.
+    source = tmp_path / "repo" / "pipeline" / "text_features.py"
+    code = source.read_text(encoding="utf-8")
+    line = "    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)\n"
+    assert code.count(line) == 1
+    source.write_text(code.replace(line, line.replace("clamp_min(1.0)", "clamp_min(1e-6)")), encoding="utf-8")
+    assert code_fingerprint("extract_text", dvc_yaml) != code_fingerprint("extract_text")
+    changed = run()
+    assert changed["cache"] != first["cache"] and Path(changed["cache"]).parent == Path(first["cache"]).parent
+    assert encoded == [11] and changed["resumed_from_cache"] == 0 and changed["encoded"] == 11
+    table = load_table(features / "text.safetensors")
+    assert table.reasons.count("empty_text") == 1 and torch.allclose(table.features, reference, atol=1e-6)
+    assert run()["resumed_from_cache"] == 12 and encoded == []  # the changed code's results resume in turn
+
+    # Any file the stage lists counts, not only its own module.
+    fingerprint = code_fingerprint("extract_text", dvc_yaml)
+    reports = tmp_path / "repo" / "pipeline" / "reports.py"
+    reports.write_text(reports.read_text(encoding="utf-8").replace("NOT_LOST = ", "NOT_LOST  = ", 1), encoding="utf-8")
+    assert code_fingerprint("extract_text", dvc_yaml) != fingerprint
+
+
+def test_new_weights_recompute_every_utterance(tmp_path: Path, tiny_bert: Path):
+    from transformers import AutoModel
+
+    model_dir = tmp_path / "bert"
+    shutil.copytree(tiny_bert, model_dir)
+    utterances = many_texts(8, empty=())
+    params = text_params(model_dir)
+    first = text_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
+    before = load_table(tmp_path / "f" / "text.safetensors").features
+    again = text_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
+    assert again["run"]["resumed_from_cache"] == 8 and again["encoder"]["weights_id"] == first["encoder"]["weights_id"]
+
+    # Other weights in the same directory (text.* unchanged): another weights_id, so a new key.
+    model = AutoModel.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(model_dir)
+    changed = text_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
+    assert changed["encoder"]["weights_id"] != first["encoder"]["weights_id"]
+    assert changed["run"]["cache"] != first["run"]["cache"]
+    assert changed["run"]["resumed_from_cache"] == 0 and changed["run"]["encoded"] == 8
+    assert not torch.allclose(load_table(tmp_path / "f" / "text.safetensors").features, before, atol=1e-3)
 
 
 def test_replaced_clip_is_extracted_again(tmp_path: Path, demo_root: Path, monkeypatch):
@@ -312,18 +490,18 @@ def test_replaced_clip_is_extracted_again(tmp_path: Path, demo_root: Path, monke
     utterances = [utt(f"train/dia0_utt{i}", clip=clip) for i, clip in enumerate(clips)]
     params = parse_params({"audio": {"random_init": TINY_AUDIO}})
     decoded: list[str] = []
-    real_load = extract_audio.load_audio
+    real_load = audio_features.load_audio
 
     def counting_load(path, *args, **kwargs):
         decoded.append(Path(path).name)
         return real_load(path, *args, **kwargs)
 
-    monkeypatch.setattr(extract_audio, "load_audio", counting_load)
+    monkeypatch.setattr(audio_features, "load_audio", counting_load)
 
     def run() -> tuple[dict, torch.Tensor]:
         decoded.clear()
-        report = extract_audio.extract(utterances, params, tmp_path / "f", tmp_path / "c")
-        return report, load_table(tmp_path / "f" / "audio.safetensors").features
+        report = audio_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
+        return report["run"], load_table(tmp_path / "f" / "audio.safetensors").features
 
     report, before = run()
     assert decoded == ["dia0_utt0.mp4", "dia0_utt1.mp4", "dia0_utt2.mp4"] and report["resumed_from_cache"] == 0
@@ -350,9 +528,12 @@ def test_replaced_clip_is_extracted_again(tmp_path: Path, demo_root: Path, monke
 
 
 def test_last_k_layers_is_the_mean_of_the_last_hidden_layers(tmp_path: Path, tiny_bert: Path, bert):
-    utterances = [utt("train/dia0_utt0", "i am happy"), utt("train/dia0_utt1", "hate this cat dog", "B"),
-                  utt("train/dia1_utt0", "so sad")]
-    report = extract_text.extract(utterances, text_params(tiny_bert, last_k_layers=2), tmp_path, tmp_path / "c")
+    utterances = [
+        utt("train/dia0_utt0", "i am happy"),
+        utt("train/dia0_utt1", "hate this cat dog", "B"),
+        utt("train/dia1_utt0", "so sad"),
+    ]
+    report = text_features.extract(utterances, text_params(tiny_bert, last_k_layers=2), tmp_path, tmp_path / "c")
     table = load_table(tmp_path / "text.safetensors")
     assert table.info["last_k_layers"] == 2 and report["encoder"]["last_k_layers"] == 2
     tokenizer, model = bert
@@ -365,7 +546,7 @@ def test_last_k_layers_is_the_mean_of_the_last_hidden_layers(tmp_path: Path, tin
         assert not torch.allclose(table.features[row], states[2][0].mean(0), atol=1e-3)
 
     with pytest.raises(ValueError, match="last_k_layers=3 but the encoder has 2 layers"):
-        extract_text.extract(utterances, text_params(tiny_bert, last_k_layers=3), tmp_path / "x", tmp_path / "cx")
+        text_features.extract(utterances, text_params(tiny_bert, last_k_layers=3), tmp_path / "x", tmp_path / "cx")
     assert not (tmp_path / "x" / "text.safetensors").exists()
 
 
@@ -378,37 +559,41 @@ DIALOGUES = [
 
 
 def test_encoder_inputs_with_dialogue_context():
-    assert extract_text.encoder_inputs(DIALOGUES, 0) == [("hi", None), ("there", None), ("ok", None), ("alone", None)]
-    assert extract_text.encoder_inputs(DIALOGUES, 1) == [
+    assert text_features.encoder_inputs(DIALOGUES, 0) == [("hi", None), ("there", None), ("ok", None), ("alone", None)]
+    assert text_features.encoder_inputs(DIALOGUES, 1) == [
         ("A: hi", "B: there"),
         ("B: there", "A: hi | A: ok"),  # the past before the future
         ("A: ok", "B: there"),
         ("C: alone", None),  # alone in its dialogue: no context
     ]
-    assert extract_text.encoder_inputs(DIALOGUES, 2)[0] == ("A: hi", "B: there | A: ok")
+    assert text_features.encoder_inputs(DIALOGUES, 2)[0] == ("A: hi", "B: there | A: ok")
     # Dialogues are grouped by id, not by adjacency in the table.
     shuffled = [DIALOGUES[0], DIALOGUES[3], DIALOGUES[1]]
-    assert extract_text.encoder_inputs(shuffled, 1) == [("A: hi", "B: there"), ("C: alone", None),
-                                                        ("B: there", "A: hi")]
+    assert text_features.encoder_inputs(shuffled, 1) == [
+        ("A: hi", "B: there"),
+        ("C: alone", None),
+        ("B: there", "A: hi"),
+    ]
     # An empty neighbour contributes nothing; with no other neighbour the context is None.
     with_empty = [utt("dev/dia0_utt0", "", "A"), utt("dev/dia0_utt1", "you", "B")]
-    assert extract_text.encoder_inputs(with_empty, 1) == [("A: ", "B: you"), ("B: you", None)]
+    assert text_features.encoder_inputs(with_empty, 1) == [("A: ", "B: you"), ("B: you", None)]
 
 
 def test_context_skips_over_empty_neighbours():
     rows = [utt("dev/dia0_utt0", "hi", "A"), utt("dev/dia0_utt1", "", "B"), utt("dev/dia0_utt2", "ok", "C")]
-    assert extract_text.encoder_inputs(rows, 1)[2] == ("C: ok", "A: hi")
+    assert text_features.encoder_inputs(rows, 1)[2] == ("C: ok", "A: hi")
 
 
 def test_context_mean_pools_only_the_utterance_tokens(tmp_path: Path, tiny_bert: Path, bert):
-    extract_text.extract(DIALOGUES[:3], text_params(tiny_bert, context_window=1, batch_size=8), tmp_path / "ctx",
-                         tmp_path / "c")
+    text_features.extract(
+        DIALOGUES[:3], text_params(tiny_bert, context_window=1, batch_size=8), tmp_path / "ctx", tmp_path / "c"
+    )
     with_context = load_table(tmp_path / "ctx" / "text.safetensors")
     assert with_context.info["context_window"] == 1
-    extract_text.extract(DIALOGUES[:3], text_params(tiny_bert, batch_size=8), tmp_path / "plain", tmp_path / "c")
+    text_features.extract(DIALOGUES[:3], text_params(tiny_bert, batch_size=8), tmp_path / "plain", tmp_path / "c")
     plain = load_table(tmp_path / "plain" / "text.safetensors")
     tokenizer, model = bert
-    for row, (text, context) in enumerate(extract_text.encoder_inputs(DIALOGUES[:3], 1)):
+    for row, (text, context) in enumerate(text_features.encoder_inputs(DIALOGUES[:3], 1)):
         batch = tokenizer(text, context or "", truncation="longest_first", max_length=32, return_tensors="pt")
         own = torch.tensor([s == 0 for s in batch.sequence_ids(0)])
         # the utterance's own tokens: "a", ":", its word; not [CLS], the [SEP]s or the context
@@ -423,9 +608,13 @@ def test_context_mean_pools_only_the_utterance_tokens(tmp_path: Path, tiny_bert:
 def test_context_features_of_a_lone_utterance_do_not_depend_on_the_batch(tmp_path: Path, tiny_bert: Path):
     alone = {}
     for batch_size in (1, 8):
-        report = extract_text.extract(DIALOGUES, text_params(tiny_bert, context_window=1, batch_size=batch_size),
-                                      tmp_path / f"b{batch_size}", tmp_path / f"c{batch_size}")
-        assert report["encoded"] == len(DIALOGUES)  # separate caches: both really encode
+        report = text_features.extract(
+            DIALOGUES,
+            text_params(tiny_bert, context_window=1, batch_size=batch_size),
+            tmp_path / f"b{batch_size}",
+            tmp_path / f"c{batch_size}",
+        )
+        assert report["run"]["encoded"] == len(DIALOGUES)  # separate caches: both really encode
         alone[batch_size] = load_table(tmp_path / f"b{batch_size}" / "text.safetensors").features
     assert torch.allclose(alone[1][:3], alone[8][:3], atol=1e-5)  # utterances with context agree
     assert torch.allclose(alone[1][3], alone[8][3], atol=1e-5), (alone[1][3] - alone[8][3]).abs().max()
@@ -434,7 +623,7 @@ def test_context_features_of_a_lone_utterance_do_not_depend_on_the_batch(tmp_pat
 def test_context_with_an_utterance_longer_than_max_length(tmp_path: Path, tiny_bert: Path):
     rows = [utt("train/dia0_utt0", " ".join(WORDS), "A"), utt("train/dia0_utt1", "hi", "B")]
     params = text_params(tiny_bert, context_window=1, max_length=8)
-    report = extract_text.extract(rows, params, tmp_path, tmp_path / "c")
+    report = text_features.extract(rows, params, tmp_path, tmp_path / "c")
     assert report["reasons"] == {"ok": 2}
 
 
@@ -452,9 +641,9 @@ def test_load_audio_segment_is_the_slice_of_the_full_decode(media: dict[str, Pat
         assert abs(segment.numel() - (b - a)) <= 1, (start, end, segment.numel(), b - a)
         n = min(segment.numel(), b - a)
         inner = slice(edge, n - edge)  # resampling a segment differs from the full decode in a few edge samples
-        assert torch.allclose(segment[:n][inner], full[a:a + n][inner], atol=1e-4), (start, end)
+        assert torch.allclose(segment[:n][inner], full[a : a + n][inner], atol=1e-4), (start, end)
         if edge == 0:
-            assert torch.equal(segment[:n], full[a:a + n])
+            assert torch.equal(segment[:n], full[a : a + n])
 
 
 def test_load_audio_aac_segment_is_the_slice_of_the_full_decode(media: dict[str, Path]):
@@ -462,7 +651,7 @@ def test_load_audio_aac_segment_is_the_slice_of_the_full_decode(media: dict[str,
     for start, end in [(0.5, 1.5), (1.0, 2.0), (2.5, None)]:
         segment = load_audio(media["chirp16.m4a"], start=start, end=end)
         a = int(start * 16000)
-        reference = full[a:a + segment.numel()]
+        reference = full[a : a + segment.numel()]
         assert segment.numel() == reference.numel()
         assert torch.allclose(segment[4:-4], reference[4:-4], atol=1e-3), (start, (segment - reference).abs().max())
 
@@ -495,7 +684,7 @@ def test_long_audio_is_chunked_and_frame_weighted(tmp_path: Path, clips: dict[st
     assert abs(wave.numel() - 24000) <= 16
     rows = [utt("train/dia0_utt0", clip=clip), utt("train/dia1_utt0", clip=clips["loud_stereo"])]  # 1.5 s, 1.0 s
     params = parse_params({"audio": {"random_init": config, "chunk_seconds": 0.4, "batch_size": 8}})
-    report = extract_audio.extract(rows, params, tmp_path / "f", tmp_path / "c")
+    report = audio_features.extract(rows, params, tmp_path / "f", tmp_path / "c")
     chunks = list(wave.split(6400))
     assert [c.numel() for c in chunks[:3]] == [6400] * 3 and len(chunks) == 4
     assert report["chunked"] == {"train/dia0_utt0": 4, "train/dia1_utt0": 3}
@@ -503,39 +692,48 @@ def test_long_audio_is_chunked_and_frame_weighted(tmp_path: Path, clips: dict[st
     expected = hand_encoded(chunks, config)
     assert torch.allclose(table.features[0], expected, atol=1e-5), (table.features[0] - expected).abs().max()
     assert not torch.allclose(table.features[0], hand_encoded([wave], config), atol=1e-3)
-    assert torch.allclose(table.features[1], hand_encoded(list(load_audio(clips["loud_stereo"]).split(6400)), config),
-                          atol=1e-5)
+    assert torch.allclose(
+        table.features[1], hand_encoded(list(load_audio(clips["loud_stereo"]).split(6400)), config), atol=1e-5
+    )
 
     # A tail shorter than the encoder's receptive field (400 samples) is dropped.
     chunk = 7875  # 0.4921875 s (exact in binary)
     assert 0 < wave.numel() - 3 * chunk < 400
     params = parse_params({"audio": {"random_init": config, "chunk_seconds": 0.4921875}})
-    report = extract_audio.extract(rows[:1], params, tmp_path / "g", tmp_path / "c")
+    report = audio_features.extract(rows[:1], params, tmp_path / "g", tmp_path / "c")
     assert report["chunked"] == {"train/dia0_utt0": 3}
-    assert torch.allclose(load_table(tmp_path / "g" / "audio.safetensors").features[0],
-                          hand_encoded(list(wave.split(chunk))[:3], config), atol=1e-5)
+    assert torch.allclose(
+        load_table(tmp_path / "g" / "audio.safetensors").features[0],
+        hand_encoded(list(wave.split(chunk))[:3], config),
+        atol=1e-5,
+    )
 
 
 def test_max_seconds_caps_the_audio(tmp_path: Path, demo_root: Path):
     clip = demo_root / "train_splits" / "dia0_utt0.mp4"  # 2.54 s
     params = parse_params({"audio": {"random_init": TINY_AUDIO, "max_seconds": 1.0, "chunk_seconds": 0.4}})
-    report = extract_audio.extract([utt("train/dia0_utt0", clip=clip)], params, tmp_path, tmp_path / "c")
-    assert report["audio_seconds_decoded"] == 1.0
+    report = audio_features.extract([utt("train/dia0_utt0", clip=clip)], params, tmp_path, tmp_path / "c")
+    assert report["run"]["audio_seconds_decoded"] == 1.0
     assert report["chunked"] == {"train/dia0_utt0": 3}  # 0.4 + 0.4 + 0.2 s
     first_second = load_audio(clip)[:16000]
-    assert torch.allclose(load_table(tmp_path / "audio.safetensors").features[0],
-                          hand_encoded(list(first_second.split(6400)), TINY_AUDIO), atol=1e-5)
+    assert torch.allclose(
+        load_table(tmp_path / "audio.safetensors").features[0],
+        hand_encoded(list(first_second.split(6400)), TINY_AUDIO),
+        atol=1e-5,
+    )
 
 
 def test_opensmile_functionals(tmp_path: Path, demo_root: Path, clips: dict[str, Path]):
     pytest.importorskip("opensmile")
-    rows = [utt("train/dia0_utt0", clip=demo_root / "train_splits" / "dia0_utt0.mp4"),
-            utt("train/dia0_utt1", clip=clips["stereo44k"]),
-            utt("train/dia0_utt2", clip=clips["short_audio"]),  # 15 ms: too short for the functionals
-            utt("train/dia5_utt0", clip=demo_root / "train_splits" / "dia5_utt0.mp4")]  # no audio stream
+    rows = [
+        utt("train/dia0_utt0", clip=demo_root / "train_splits" / "dia0_utt0.mp4"),
+        utt("train/dia0_utt1", clip=clips["stereo44k"]),
+        utt("train/dia0_utt2", clip=clips["short_audio"]),  # 15 ms: too short for the functionals
+        utt("train/dia5_utt0", clip=demo_root / "train_splits" / "dia5_utt0.mp4"),
+    ]  # no audio stream
     params = parse_params({"audio": {"backend": "opensmile", "opensmile_set": "eGeMAPSv02"}})
     with pytest.warns(UserWarning, match="too short"):
-        report = extract_audio.extract(rows, params, tmp_path / "e", tmp_path / "c")
+        report = audio_features.extract(rows, params, tmp_path / "e", tmp_path / "c")
     table = load_table(tmp_path / "e" / "audio.safetensors")
     assert table.dim == 88 and report["dim"] == 88
     assert table.reasons == ["ok", "ok", "no_audio", "no_audio"]
@@ -545,7 +743,7 @@ def test_opensmile_functionals(tmp_path: Path, demo_root: Path, clips: dict[str,
     assert report["encoder"]["model"] == "opensmile eGeMAPSv02 functionals"
 
     params = parse_params({"audio": {"backend": "opensmile", "opensmile_set": "IS10"}})
-    report = extract_audio.extract(rows[:1], params, tmp_path / "i", tmp_path / "c")
+    report = audio_features.extract(rows[:1], params, tmp_path / "i", tmp_path / "c")
     table = load_table(tmp_path / "i" / "audio.safetensors")
     assert table.features.shape == (1, 1582) and report["reasons"] == {"ok": 1}
     assert torch.isfinite(table.features).all()
@@ -557,7 +755,7 @@ def test_opensmile_functionals(tmp_path: Path, demo_root: Path, clips: dict[str,
 def track(boxes, probs, select, min_prob=0.9, size=(100, 100)):
     boxes = [None if b is None else np.array(b, dtype=float) for b in boxes]
     probs = [None if p is None else np.array(p, dtype=float) for p in probs]
-    return extract_visual.face_track(boxes, probs, size, select, min_prob)
+    return visual_features.face_track(boxes, probs, size, select, min_prob)
 
 
 # Frame 0 has a large face (A), a central one (B), a confident one (C), and a huge one below min_prob (D);
@@ -586,8 +784,13 @@ def test_face_track_start_selection_and_following():
 
 def test_face_track_starts_anywhere_and_follows_both_ways():
     x, y = [0, 0, 20, 20], [60, 60, 80, 80]
-    boxes = [[x, y], [[61, 61, 81, 81], [1, 1, 21, 21]], [[0, 0, 30, 30], [62, 62, 82, 82]],
-             [[63, 63, 83, 83], [2, 2, 22, 22]], [[64, 64, 84, 84]]]
+    boxes = [
+        [x, y],
+        [[61, 61, 81, 81], [1, 1, 21, 21]],
+        [[0, 0, 30, 30], [62, 62, 82, 82]],
+        [[63, 63, 83, 83], [2, 2, 22, 22]],
+        [[64, 64, 84, 84]],
+    ]
     probs = [[0.99, 0.99], [0.99, 0.99], [0.99, 0.99], [0.99, 0.99], [0.99]]
     # The largest face is X in frame 2: the track runs back to frame 0 and on to frame 4 following X,
     # and takes Y in frame 4 where X is gone.
@@ -604,47 +807,58 @@ def ramp_indices(frames: list[np.ndarray]) -> list[int]:
     return [int(round(float(f.mean()) / RAMP_LUMA_STEP)) + 2 for f in frames]
 
 
-@pytest.mark.parametrize("start, end, fps, max_frames, expected", [
-    (1.0, 2.0, 10.0, 100, list(range(10, 20))),
-    (1.0, 2.5, 2.0, 100, [10, 15, 20]),
-    (1.0, 2.0, 10.0, 2, [10, 19]),  # spread over the whole segment
-    (0.5, 1.2, 10.0, 100, list(range(5, 12))),
-    (2.0, None, 10.0, 100, list(range(20, 30))),
-    (2.5, 9.0, 10.0, 100, list(range(25, 30))),  # a segment running past the end of the clip
-])
+@pytest.mark.parametrize(
+    "start, end, fps, max_frames, expected",
+    [
+        (1.0, 2.0, 10.0, 100, list(range(10, 20))),
+        (1.0, 2.5, 2.0, 100, [10, 15, 20]),
+        (1.0, 2.0, 10.0, 2, [10, 19]),  # spread over the whole segment
+        (0.5, 1.2, 10.0, 100, list(range(5, 12))),
+        (2.0, None, 10.0, 100, list(range(20, 30))),
+        (2.5, 9.0, 10.0, 100, list(range(25, 30))),  # a segment running past the end of the clip
+    ],
+)
 def test_sample_frames_reads_only_the_segment(clips: dict[str, Path], start, end, fps, max_frames, expected):
     assert ramp_indices(sample_frames(clips["ramp"], fps=100.0, max_frames=100))[3:] == list(range(3, 30))
     frames = sample_frames(clips["ramp"], fps, max_frames, start, end)
     assert ramp_indices(frames) == expected
 
 
-def test_bad_media_are_masked_with_their_reason_and_never_raise(stage_dir: Path, demo_root: Path, clips, bad_clips,
-                                                                media, cached_face_models, monkeypatch):
+def test_bad_media_are_masked_with_their_reason_and_never_raise(
+    stage_dir: Path, demo_root: Path, clips, bad_clips, media, cached_face_models, monkeypatch
+):
     cases = [  # (clip, audio reasons, visual reason)
-        (bad_clips["empty"], {"decode_error"}, "decode_error"),
-        (bad_clips["random"], {"decode_error"}, "decode_error"),
-        (bad_clips["truncated"], {"decode_error"}, "decode_error"),  # header intact, packets gone
+        (bad_clips["empty"], {"corrupt"}, "corrupt"),
+        (bad_clips["random"], {"corrupt"}, "corrupt"),
+        (bad_clips["truncated"], {"truncated"}, "truncated"),  # header intact, packets gone
         (demo_root / "train_splits" / "dia5_utt0.mp4", {"no_audio"}, "ok"),  # a face, no audio stream
         (media["grey.mp4"], {"ok"}, "no_face"),
         (clips["ramp"], {"no_audio"}, "no_face"),  # video only
         (clips["stereo44k"], {"ok"}, "no_video"),  # audio only
         (clips["short_audio"], {"no_audio"}, "no_video"),  # 15 ms of audio, audio only
-        (stage_dir / "deleted.mp4", {"decode_error"}, "decode_error"),  # listed, then removed
+        (stage_dir / "deleted.mp4", {"missing_clip"}, "missing_clip"),  # listed, then removed
         ("", {"missing_clip"}, "missing_clip"),
     ]
     write_utterances([(f"test/dia{i}_utt0", "x", "A", clip) for i, (clip, _, _) in enumerate(cases)])
-    params = parse_params({"audio": {"random_init": TINY_AUDIO},
-                           "visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0}})
+    # most of these clips lose a modality on purpose: the stages' modality guard is lifted here
+    params = parse_params(
+        {
+            "audio": {"random_init": TINY_AUDIO, "max_masked_share": 1.0},
+            "visual": {"face_weights": "random", "max_frames": 2, "fps": 2.0, "max_masked_share": 1.0},
+        }
+    )
     trims = []
-    monkeypatch.setattr(extract_visual, "TRIM_EVERY", 3)
-    monkeypatch.setattr(extract_visual, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(visual_features, "TRIM_EVERY", 3)
+    monkeypatch.setattr(visual_features, "trim_heap", lambda: trims.append(1))
     tables = {}
     for background in (False, True):  # decoding in the caller's thread, then in a decoding thread
-        for stage in (extract_audio, extract_visual):
-            monkeypatch.setattr(stage, "decode_depth", lambda device, depth: depth if background else 0)
+        for module in (audio_features, visual_features):
+            monkeypatch.setattr(
+                module, "decode_depth", lambda device, depth, background=background: depth if background else 0
+            )
         shutil.rmtree("data/interim", ignore_errors=True)  # nothing resumed
-        extract_audio.run(params)
-        extract_visual.run(params)
+        extract_audio.run(params, utterances=UTTERANCES, out=FEATURES)
+        extract_visual.run(params, utterances=UTTERANCES, out=FEATURES)
         tables[background] = [load_table(f"data/features/{m}.safetensors") for m in ("audio", "visual")]
     assert len(trims) == 2 * 3  # the heap trimmed every 3rd of the 9 clips decoded, in each run
     for inline, threaded in zip(tables[False], tables[True]):
@@ -681,14 +895,16 @@ def test_face_selection_on_a_real_group_photo(shared_dir: Path, face_models):
     largest, central = int(np.argmax(areas)), int(np.argmin(distances))
     assert largest != central
     for select, expected in (("largest", largest), ("central", central)):
-        assert extract_visual.face_track([boxes, boxes], [probs, probs], (width, height), select, 0.9) == [expected] * 2
+        tracked = visual_features.face_track([boxes, boxes], [probs, probs], (width, height), select, 0.9)
+        assert tracked == [expected] * 2
 
     # Through embed_faces: the embedding is the chosen face's, and the two choices differ.
     settings = parse_params({"visual": {"face_weights": "random"}}).visual
     embeddings = {}
     for select, expected in (("largest", largest), ("central", central)):
-        embeddings[select], diagnostics = extract_visual.embed_faces(
-            [image], mtcnn, embedder, settings.model_copy(update={"face_select": select}), CPU)
+        embeddings[select], diagnostics = visual_features.embed_faces(
+            [image], mtcnn, embedder, settings.model_copy(update={"face_select": select}), CPU
+        )
         assert diagnostics == {"frames": 1, "faces_per_frame": [int(usable.sum())], "frames_tracked": 1}
         with torch.no_grad():
             crop = mtcnn.extract(image, boxes[[expected]], None)
@@ -708,8 +924,21 @@ def malloc_in_use():
     import ctypes.util
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -721,6 +950,7 @@ def malloc_in_use():
     def in_use() -> float:
         info = mallinfo2()
         return (info.uordblks + info.hblkhd) / 2**20
+
     return in_use
 
 
@@ -734,22 +964,25 @@ def test_audio_memory_does_not_grow_with_the_corpus(tmp_path: Path, media: dict[
         pytest.skip("needs glibc's mallinfo2 to measure the heap")
     clip = media["long16.wav"]
     params = parse_params({"audio": {"random_init": {**TINY_AUDIO, "feat_extract_norm": "layer"}, "batch_size": 8}})
-    monkeypatch.setattr(extract_audio, "encode_waves", lambda waves, *args: (
-        torch.stack([w[:16].float() for w in waves]), torch.ones(len(waves))))
+    monkeypatch.setattr(
+        audio_features,
+        "encode_waves",
+        lambda waves, *args: (torch.stack([w[:16].float() for w in waves]), torch.ones(len(waves))),
+    )
     peak = [0.0]
-    real_load = extract_audio.load_audio
+    real_load = audio_features.load_audio
 
     def measuring_load(*args, **kwargs):
         peak[0] = max(peak[0], in_use())
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(extract_audio, "load_audio", measuring_load)
+    monkeypatch.setattr(audio_features, "load_audio", measuring_load)
 
     def growth(n: int, tag: str) -> float:
         rows = [utt(f"train/dia{i}_utt0", clip=clip) for i in range(n)]
         base = peak[0] = in_use()
-        report = extract_audio.extract(rows, params, tmp_path / tag, tmp_path / f"cache_{tag}")
-        assert report["reasons"] == {"ok": n} and abs(report["audio_seconds_decoded"] - 10.0 * n) < 0.1
+        report = audio_features.extract(rows, params, tmp_path / tag, tmp_path / f"cache_{tag}")
+        assert report["reasons"] == {"ok": n} and abs(report["run"]["audio_seconds_decoded"] - 10.0 * n) < 0.1
         return max(peak[0], in_use()) - base
 
     growth(20, "warm")  # first use: allocator arenas, model, codecs
@@ -757,7 +990,7 @@ def test_audio_memory_does_not_grow_with_the_corpus(tmp_path: Path, media: dict[
     assert large < small + 16, (small, large)
 
     kept = []
-    monkeypatch.setattr(extract_audio, "load_audio", lambda *a, **k: kept.append(measuring_load(*a, **k)) or kept[-1])
+    monkeypatch.setattr(audio_features, "load_audio", lambda *a, **k: kept.append(measuring_load(*a, **k)) or kept[-1])
     leaking = growth(200, "control")
     assert leaking > large + 100, (large, leaking)
     kept.clear()

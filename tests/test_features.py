@@ -1,4 +1,4 @@
-"""pipeline.features: the safetensors feature table and atomic writes."""
+"""pipeline.feature_table (the safetensors feature table) and pipeline.atomic (atomic writes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.features import REASONS, FeatureTable, atomic_path, load_table, save_table, write_json
+from pipeline.atomic import atomic_path, write_json
+from pipeline.feature_table import REASONS, FeatureTable, feature_path, load_table, save_table
 
 
 def make_table() -> FeatureTable:
@@ -49,10 +50,25 @@ def test_save_load_round_trip(tmp_path: Path):
 
 def test_every_reason_code_round_trips(tmp_path: Path):
     n = len(REASONS)
-    table = FeatureTable([f"train/dia0_utt{i}" for i in range(n)], torch.zeros(n, 2),
-                         torch.tensor([r == "ok" for r in REASONS]), list(REASONS))
+    table = FeatureTable(
+        [f"train/dia0_utt{i}" for i in range(n)],
+        torch.zeros(n, 2),
+        torch.tensor([r == "ok" for r in REASONS]),
+        list(REASONS),
+    )
     save_table(table, tmp_path / "t.safetensors")
     assert load_table(tmp_path / "t.safetensors").reasons == list(REASONS)
+
+
+def test_reason_codes_are_append_only():
+    # a reason's index is what the feature files store: the codes of earlier files keep their meaning
+    assert REASONS[:7] == ("ok", "missing_clip", "no_audio", "no_face", "decode_error", "empty_text", "no_video")
+    assert REASONS[7:] == ("corrupt", "truncated") and len(set(REASONS)) == len(REASONS) < 256  # stored as uint8
+
+
+def test_feature_path_is_inside_the_given_folder(tmp_path: Path):
+    assert feature_path("audio", tmp_path / "f") == tmp_path / "f" / "audio.safetensors"
+    assert feature_path("text", "data/features") == Path("data/features/text.safetensors")
 
 
 def test_float64_and_non_contiguous_features_are_stored_as_float32(tmp_path: Path):
@@ -79,10 +95,14 @@ def test_rows_unknown_id_raises_key_error():
 
 @pytest.mark.parametrize("change", ["ids", "features", "mask", "reasons"])
 def test_mismatched_lengths_are_rejected(change: str):
-    kwargs = dict(utterance_ids=["a", "b"], features=torch.zeros(2, 3), mask=torch.ones(2, dtype=torch.bool),
-                  reasons=["ok", "ok"])
+    kwargs = dict(
+        utterance_ids=["a", "b"], features=torch.zeros(2, 3), mask=torch.ones(2, dtype=torch.bool), reasons=["ok", "ok"]
+    )
     kwargs[{"ids": "utterance_ids"}.get(change, change)] = {
-        "ids": ["a"], "features": torch.zeros(3, 3), "mask": torch.ones(1, dtype=torch.bool), "reasons": ["ok"],
+        "ids": ["a"],
+        "features": torch.zeros(3, 3),
+        "mask": torch.ones(1, dtype=torch.bool),
+        "reasons": ["ok"],
     }[change]
     with pytest.raises(ValueError, match="disagree"):
         FeatureTable(**kwargs)

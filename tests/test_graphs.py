@@ -1,4 +1,5 @@
-"""Stage build_graphs: windowed speaker graphs per dialogue, checked edge by edge against hand-written lists."""
+"""Dialogue graphs (pipeline.graphs) and the build_graphs stage: windowed speaker graphs per dialogue, checked
+edge by edge against hand-written lists."""
 
 from __future__ import annotations
 
@@ -7,32 +8,53 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GRAPHS, UTTERANCES, write_utterances
 
-from conftest import write_utterances
-from pipeline.build_graphs import (
-    build_dialogue_graph, dialogue_edges, load_graphs, num_relations, run, speaker_indices,
-)
+from pipeline.build_graphs import run as build_graphs_stage
 from pipeline.config import GraphParams, parse_params
 from pipeline.dgl_compat import dgl
+from pipeline.graphs import build_dialogue_graph, dialogue_edges, load_graphs, num_relations, speaker_indices
 
 SPEAKERS = ["A", "B", "A", "C", "B"]  # speaker index by first appearance: A=0, B=1, C=2
 
 # window_past=2, window_future=1: node j receives from i in [j-2, j+1]; (src, dst, relation), sorted by (dst, src).
 # same_other: 0 self, 1 same speaker & past, 2 same & future, 3 other & past, 4 other & future.
 EXPECTED_SAME_OTHER = [
-    (0, 0, 0), (1, 0, 4),
-    (0, 1, 3), (1, 1, 0), (2, 1, 4),
-    (0, 2, 1), (1, 2, 3), (2, 2, 0), (3, 2, 4),
-    (1, 3, 3), (2, 3, 3), (3, 3, 0), (4, 3, 4),
-    (2, 4, 3), (3, 4, 3), (4, 4, 0),
+    (0, 0, 0),
+    (1, 0, 4),
+    (0, 1, 3),
+    (1, 1, 0),
+    (2, 1, 4),
+    (0, 2, 1),
+    (1, 2, 3),
+    (2, 2, 0),
+    (3, 2, 4),
+    (1, 3, 3),
+    (2, 3, 3),
+    (3, 3, 0),
+    (4, 3, 4),
+    (2, 4, 3),
+    (3, 4, 3),
+    (4, 4, 0),
 ]
 # speaker_pair, M=3: 2 * (s_src * 3 + s_dst) + (1 if src is later than dst).
 EXPECTED_SPEAKER_PAIR = [
-    (0, 0, 0), (1, 0, 7),      # A->A self; B->A future: 2*(3+0)+1
-    (0, 1, 2), (1, 1, 8), (2, 1, 3),      # A->B past: 2*1; B->B self: 2*4; A->B future: 2*1+1
-    (0, 2, 0), (1, 2, 6), (2, 2, 0), (3, 2, 13),      # A->A past; B->A past: 2*3; self; C->A future: 2*6+1
-    (1, 3, 10), (2, 3, 4), (3, 3, 16), (4, 3, 11),  # B->C past: 2*5; A->C past: 2*2; C->C: 2*8; B->C future
-    (2, 4, 2), (3, 4, 14), (4, 4, 8),     # A->B past: 2*1; C->B past: 2*7; B->B self: 2*4
+    (0, 0, 0),
+    (1, 0, 7),  # A->A self; B->A future: 2*(3+0)+1
+    (0, 1, 2),
+    (1, 1, 8),
+    (2, 1, 3),  # A->B past: 2*1; B->B self: 2*4; A->B future: 2*1+1
+    (0, 2, 0),
+    (1, 2, 6),
+    (2, 2, 0),
+    (3, 2, 13),  # A->A past; B->A past: 2*3; self; C->A future: 2*6+1
+    (1, 3, 10),
+    (2, 3, 4),
+    (3, 3, 16),
+    (4, 3, 11),  # B->C past: 2*5; A->C past: 2*2; C->C: 2*8; B->C future
+    (2, 4, 2),
+    (3, 4, 14),
+    (4, 4, 8),  # A->B past: 2*1; C->B past: 2*7; B->B self: 2*4
 ]
 
 
@@ -62,9 +84,13 @@ def test_same_other_uses_all_five_relations():
     # A A B, window 1/1: the same-speaker future relation (2) appears here, unlike in SPEAKERS.
     graph = GraphParams(window_past=1, window_future=1, relations="same_other")
     assert triples(dialogue_edges(["A", "A", "B"], graph)) == [
-        (0, 0, 0), (1, 0, 2),
-        (0, 1, 1), (1, 1, 0), (2, 1, 4),
-        (1, 2, 3), (2, 2, 0),
+        (0, 0, 0),
+        (1, 0, 2),
+        (0, 1, 1),
+        (1, 1, 0),
+        (2, 1, 4),
+        (1, 2, 3),
+        (2, 2, 0),
     ]
     assert num_relations(graph) == 5
 
@@ -100,16 +126,27 @@ def test_single_utterance_dialogue_has_one_self_loop():
     assert g.num_nodes() == 1 and g.edges()[0].tolist() == [0] and g.edata["rel_type"].tolist() == [0]
 
 
+def run(params) -> None:
+    """The build_graphs stage on ``data/prepared/utterances.csv`` into ``data/graphs`` (dvc.yaml's paths)."""
+    build_graphs_stage(params, utterances=UTTERANCES, out=GRAPHS)
+
+
 def test_stage_run_and_load_graphs_round_trip(stage_dir: Path):
-    write_utterances([
-        ("train/dia0_utt0", "a", "A", ""), ("train/dia0_utt1", "b", "B", ""), ("train/dia0_utt2", "c", "A", ""),
-        ("train/dia0_utt3", "d", "C", ""), ("train/dia0_utt4", "e", "B", ""),
-        ("train/dia1_utt0", "f", "Ross", ""), ("train/dia1_utt1", "g", "Ross", ""),
-        ("test/dia0_utt0", "h", "Joey", ""),
-    ])
+    write_utterances(
+        [
+            ("train/dia0_utt0", "a", "A", ""),
+            ("train/dia0_utt1", "b", "B", ""),
+            ("train/dia0_utt2", "c", "A", ""),
+            ("train/dia0_utt3", "d", "C", ""),
+            ("train/dia0_utt4", "e", "B", ""),
+            ("train/dia1_utt0", "f", "Ross", ""),
+            ("train/dia1_utt1", "g", "Ross", ""),
+            ("test/dia0_utt0", "h", "Joey", ""),
+        ]
+    )
     params = parse_params({"graph": {"window_past": 2, "window_future": 1, "relations": "same_other"}})
     run(params)
-    graphs, relations = load_graphs()
+    graphs, relations = load_graphs(GRAPHS)
     assert relations == 5
     assert list(graphs) == ["train/0", "train/1", "test/0"]
     g = graphs["train/0"]
@@ -118,7 +155,11 @@ def test_stage_run_and_load_graphs_round_trip(stage_dir: Path):
     assert g.ndata["speaker"].tolist() == [0, 1, 0, 2, 1]
     pair = graphs["train/1"]
     assert list(zip(*[t.tolist() for t in pair.edges()], pair.edata["rel_type"].tolist())) == [
-        (0, 0, 0), (1, 0, 2), (0, 1, 1), (1, 1, 0)]
+        (0, 0, 0),
+        (1, 0, 2),
+        (0, 1, 1),
+        (1, 1, 0),
+    ]
     assert graphs["test/0"].num_edges() == 1
     index = json.loads(Path("data/graphs/index.json").read_text())
     assert index["edges"] == 16 + 4 + 1 and index["relations"] == "same_other"
@@ -132,8 +173,9 @@ def test_stage_run_and_load_graphs_round_trip(stage_dir: Path):
 
 
 def test_stage_run_names_the_dialogue_with_too_many_speakers(stage_dir: Path):
-    write_utterances([("dev/dia7_utt0", "a", "A", ""), ("dev/dia7_utt1", "b", "B", ""),
-                      ("dev/dia7_utt2", "c", "C", "")])
+    write_utterances(
+        [("dev/dia7_utt0", "a", "A", ""), ("dev/dia7_utt1", "b", "B", ""), ("dev/dia7_utt2", "c", "C", "")]
+    )
     with pytest.raises(ValueError, match="dialogue dev/7: .*max_speakers=2"):
         run(parse_params({"graph": {"relations": "speaker_pair", "max_speakers": 2}}))
     assert not Path("data/graphs/graphs.safetensors").exists()
@@ -141,4 +183,4 @@ def test_stage_run_names_the_dialogue_with_too_many_speakers(stage_dir: Path):
 
 def test_load_graphs_before_the_stage_ran(stage_dir: Path):
     with pytest.raises(FileNotFoundError, match="build_graphs"):
-        load_graphs()
+        load_graphs(GRAPHS)

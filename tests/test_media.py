@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio, sample_frames, trim_heap
+from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio, sample_frames
 
 
 def container_seconds(path: Path) -> float:
@@ -84,30 +84,39 @@ def test_clip_without_audio_stream_is_no_audio(demo_root: Path, clips: dict[str,
 
 
 @pytest.mark.parametrize("name", ["empty", "random"])
-def test_undecodable_file_is_decode_error(bad_clips: dict[str, Path], name: str):
+def test_undecodable_file_is_corrupt(bad_clips: dict[str, Path], name: str):
     with pytest.raises(MediaError) as err:
         load_audio(bad_clips[name])
-    assert err.value.reason == "decode_error"
+    assert err.value.reason == "corrupt" and "Invalid data" in str(err.value)  # PyAV's own words
     with pytest.raises(MediaError) as err:
         sample_frames(bad_clips[name], 2.0, 2)
-    assert err.value.reason == "decode_error"
+    assert err.value.reason == "corrupt"
 
 
-def test_missing_file_is_decode_error(tmp_path: Path):
+def test_missing_file_is_missing_clip(tmp_path: Path):
     for fn in (lambda p: load_audio(p), lambda p: sample_frames(p, 2.0, 2)):
         with pytest.raises(MediaError) as err:
             fn(tmp_path / "absent.mp4")
-        assert err.value.reason == "decode_error"
+        assert err.value.reason == "missing_clip" and "does not exist" in str(err.value)
 
 
-def test_truncated_clip_raises_media_error(bad_clips: dict[str, Path]):
+def test_truncated_clip_is_truncated(bad_clips: dict[str, Path]):
     clip = bad_clips["truncated"]  # 30 % of a faststart mp4: the header survives, most packets do not
-    with pytest.raises(MediaError) as err:
+    with pytest.raises(MediaError, match="declares .* no frame decodes") as err:
         sample_frames(clip, 2.0, 2)
-    assert err.value.reason == "decode_error"
-    with pytest.raises(MediaError, match="declares .* zero samples") as err:
+    assert err.value.reason == "truncated"
+    with pytest.raises(MediaError, match=r"declares 2\.\d\d s but decoded to 0\.00 s") as err:
         load_audio(clip)
-    assert err.value.reason == "decode_error"
+    assert err.value.reason == "truncated"
+
+
+def test_is_truncated_allows_codec_padding_not_lost_seconds():
+    from pipeline.media import is_truncated
+
+    assert not is_truncated(1.98, 2.0)  # AAC priming/padding: a few ms
+    assert not is_truncated(0.0, 0.2)  # too short to tell (0.25 s minimum gap)
+    assert is_truncated(0.58, 2.0) and is_truncated(0.0, 2.54)
+    assert not is_truncated(9.2, 10.0) and is_truncated(8.9, 10.0)  # more than 10 % missing
 
 
 def test_any_truncation_raises_only_media_error(demo_root: Path, tmp_path: Path):
@@ -120,7 +129,7 @@ def test_any_truncation_raises_only_media_error(demo_root: Path, tmp_path: Path)
             try:
                 fn()
             except MediaError as err:
-                assert err.reason in ("decode_error", "no_audio")
+                assert err.reason in ("decode_error", "no_audio", "corrupt", "truncated")
             except Exception as err:  # noqa: BLE001 - the point of the test
                 leaked.append((size, type(err).__name__, str(err)))
     assert leaked == []
@@ -179,7 +188,7 @@ def test_decode_ahead_yields_in_order_with_media_errors_in_place(demo_root: Path
     items = [str(clips[0]), str(demo_root / "missing.mp4"), *map(str, clips[1:])]
     out = list(decode_ahead(items, load_audio, depth=2))
     assert [item for item, _ in out] == items
-    assert isinstance(out[1][1], MediaError) and out[1][1].reason == "decode_error"
+    assert isinstance(out[1][1], MediaError) and out[1][1].reason == "missing_clip"
     for item, wave in out[:1] + out[2:]:
         assert torch.equal(wave, load_audio(item))  # same result as decoding in the caller
 

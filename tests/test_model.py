@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from pipeline.build_graphs import build_dialogue_graph, num_relations
 from pipeline.config import parse_params
 from pipeline.data import MODALITIES, Dialogue, collate
+from pipeline.graphs import build_dialogue_graph, num_relations
+from pipeline.inference import build_model, run_model
 from pipeline.losses import class_centre_loss, erc_loss, inverse_frequency, supcon_loss
 from pipeline.modeling import ERCModel, pad_dialogues, unpad_dialogues
-from pipeline.train import build_model, predict, train
+from pipeline.train import train
 
 SIZES = {"text": 12, "audio": 6, "visual": 8}
 EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
@@ -34,15 +35,25 @@ def make_dialogues(n: int, seed: int, params, learnable: bool = True) -> list[Di
             features["text"] = prototypes[emotion] + 0.3 * features["text"]
         masks = {m: torch.rand(t, generator=g) > 0.2 for m in MODALITIES}
         masks["text"][:] = True
-        out.append(Dialogue(f"x/{d}", [f"x/dia{d}_utt{i}" for i in range(t)], features, masks, emotion,
-                            torch.div(emotion, 3, rounding_mode="floor"),
-                            build_dialogue_graph(speakers, params.graph)))
+        out.append(
+            Dialogue(
+                f"x/{d}",
+                [f"x/dia{d}_utt{i}" for i in range(t)],
+                features,
+                masks,
+                emotion,
+                torch.div(emotion, 3, rounding_mode="floor"),
+                build_dialogue_graph(speakers, params.graph),
+            )
+        )
     return out
 
 
 def small_params(**overrides):
-    raw = {"model": {"hidden_size": 16, "num_heads": 2, "dropout": 0.1},
-           "train": {"epochs": 3, "batch_dialogues": 2, "lr": 3e-3}}
+    raw = {
+        "model": {"hidden_size": 16, "num_heads": 2, "dropout": 0.1},
+        "train": {"epochs": 3, "batch_dialogues": 2, "lr": 3e-3},
+    }
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         raw.setdefault(section, {})[key] = value
@@ -63,11 +74,17 @@ def test_pad_unpad_roundtrip():
 
 
 CONFIGURATIONS = [
-    *[{"model.fusion": f, "model.graph": g, "graph.relations": r} for f, g, r in itertools.product(
-        ["concat", "cross_attention", "joint_vectors"], ["none", "gcn", "adaptive"], ["same_other", "speaker_pair"])],
+    *[
+        {"model.fusion": f, "model.graph": g, "graph.relations": r}
+        for f, g, r in itertools.product(
+            ["concat", "cross_attention", "joint_vectors"], ["none", "gcn", "adaptive"], ["same_other", "speaker_pair"]
+        )
+    ],
     *[{"model.context": c} for c in ("transformer", "none")],
-    *[{"loss.contrastive": c, "loss.class_weights": w} for c, w in itertools.product(
-        ["none", "interclass"], ["none", "inverse_frequency"])],
+    *[
+        {"loss.contrastive": c, "loss.class_weights": w}
+        for c, w in itertools.product(["none", "interclass"], ["none", "inverse_frequency"])
+    ],
     {"loss.sentiment_weight": 0.0},
 ]
 
@@ -84,8 +101,15 @@ def test_every_configuration_shapes_and_gradients(overrides):
     assert out.sentiment_logits.shape == (n, 3)
     assert out.projections.shape == (n, 16)
     assert torch.allclose(out.projections.norm(dim=-1), torch.ones(n), atol=1e-5)
-    loss, parts = erc_loss(out.emotion_logits, out.sentiment_logits, out.projections, batch.emotion,
-                           batch.sentiment, params.loss, inverse_frequency(batch.emotion, len(EMOTIONS)))
+    loss, parts = erc_loss(
+        out.emotion_logits,
+        out.sentiment_logits,
+        out.projections,
+        batch.emotion,
+        batch.sentiment,
+        params.loss,
+        inverse_frequency(batch.emotion, len(EMOTIONS)),
+    )
     loss.backward()
     unused = set()
     if params.loss.contrastive == "none" or params.loss.contrastive_weight == 0:
@@ -93,7 +117,9 @@ def test_every_configuration_shapes_and_gradients(overrides):
     if params.loss.sentiment_weight == 0:
         unused |= {"sentiment_head.weight", "sentiment_head.bias"}
     no_grad = {name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
-    assert no_grad == unused, f"parameters without gradient: {no_grad - unused}; unexpected gradient: {unused - no_grad}"
+    assert no_grad == unused, (
+        f"parameters without gradient: {no_grad - unused}; unexpected gradient: {unused - no_grad}"
+    )
     assert set(parts) == {"emotion", "sentiment", "contrastive"}
 
 
@@ -155,14 +181,16 @@ def test_training_learns_and_is_repeatable():
         assert torch.equal(value, second["state_dict"][key]), key
     assert first["best_dev_weighted_f1"] > 0.6  # chance is about 1/7
     model = build_model(first)
-    out = predict(model, splits["dev"], params, torch.device("cpu"))
+    out = run_model(model, splits["dev"], params, torch.device("cpu"))
     assert out["emotion_prob"].shape == (sum(len(d) for d in splits["dev"]), len(EMOTIONS))
 
 
 def test_training_on_shuffled_labels_stays_near_chance():
     params = small_params(**{"train.epochs": 25})
-    splits = {"train": make_dialogues(16, seed=4, params=params, learnable=False),
-              "dev": make_dialogues(6, seed=5, params=params, learnable=False)}
+    splits = {
+        "train": make_dialogues(16, seed=4, params=params, learnable=False),
+        "dev": make_dialogues(6, seed=5, params=params, learnable=False),
+    }
     assert train(params, splits, num_relations(params.graph), LABELS)["best_dev_weighted_f1"] < 0.5
 
 

@@ -1,10 +1,10 @@
 """End to end: `dvc repro` of the demo in a copy of the repository, then experiments with -S.
 
-Checks: every stage runs; the fresh metrics reproduce the committed ones (the CI regression check); a
-second repro does nothing; `dvc exp run -S train.lr=1e-4` re-runs only train and evaluate and really
-trains at 1e-4; a text.* change re-runs the text branch but not the audio or visual extraction; and a
-deliberately broken pipeline (text features shuffled against their utterances) fails the regression
-check. The tests share one copy and run in file order.
+Checks: every stage runs; the fresh metrics reproduce the committed ones (the CI reproducibility
+check) and no tracked file changes; a second repro does nothing; `dvc exp run -S train.lr=1e-4`
+re-runs only train and evaluate and really trains at 1e-4; a text.* change re-runs the text branch but
+not the audio or visual extraction; and a deliberately broken pipeline (text features shuffled against
+their utterances) fails the reproducibility check. The tests share one copy and run in file order.
 """
 
 from __future__ import annotations
@@ -21,8 +21,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "extract_text", "extract_audio", "extract_visual", "build_graphs", "train", "evaluate", "predict"}
-IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "prepared",
-                                "features", "graphs", "predictions", "models", "tmp", "cache", "interim")
+IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "__pycache__",
+    ".pytest_cache",
+    "*.egg-info",
+    "prepared",
+    "features",
+    "graphs",
+    "predictions",
+    "models",
+    "tmp",
+    "cache",
+    "interim",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +44,15 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     # dvc runs stage commands through the shell: `python` must be this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(HF_HUB_OFFLINE="1", DGLBACKEND="pytorch", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@example.com",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        DGLBACKEND="pytorch",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        DVC_NO_ANALYTICS="1",
+    )
     return env
 
 
@@ -52,11 +72,19 @@ def project(tmp_path_factory) -> Path:
     """A fresh git + DVC copy of the repository with `dvc repro` already run once."""
     root = tmp_path_factory.mktemp("e2e") / "repo"
     shutil.copytree(REPO, root, ignore=IGNORE)
-    # The reference figures are the committed ones (the working tree's may have been regenerated).
-    for path in ("dvc.lock", "metrics/eval/metrics.json", "metrics/train/metrics.json"):
-        committed = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, text=True)
-        if committed.returncode == 0:
-            (root / path).write_text(committed.stdout)
+    # The reference outputs are the committed ones (the working tree's may have been regenerated): the
+    # lock, the metrics and plots, the stage reports, as git holds them at HEAD.
+    tracked = subprocess.run(
+        ["git", "ls-files", "dvc.lock", "metrics", "data/features"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in tracked:
+        committed = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, check=True)
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(committed.stdout)
     _run(["git", "init", "-q", "-b", "main"], root)
     _run(["git", "add", "-A"], root)
     _run(["git", "commit", "-q", "-m", "copy"], root)
@@ -83,8 +111,15 @@ def test_repro_runs_every_stage_and_beats_chance(project: Path):
 
 
 def test_fresh_repro_reproduces_committed_metrics(project: Path):
-    output = _run([sys.executable, "-m", "pipeline.regression", "--rev", "HEAD"], project)
-    assert "no regression against HEAD" in output
+    output = _run([sys.executable, "-m", "pipeline.regression", "reproduce"], project)
+    assert "reproduced:" in output and "match HEAD exactly" in output
+
+
+def test_unchanged_pipeline_changes_no_tracked_file(project: Path):
+    """A fresh `dvc repro` of the committed pipeline rewrites dvc.lock, the reports, the metrics and the
+    plots with the bytes git holds: nothing that changes from run to run (timings, the device, the
+    resume cache) is in a tracked file."""
+    assert _run(["git", "status", "--porcelain", "--untracked-files=no"], project, stdout_only=True) == ""
 
 
 def test_second_repro_does_nothing(project: Path):
@@ -113,7 +148,8 @@ def test_ablation_experiments_show_side_by_side(project: Path):
     for override in ("model.graph=none", "model.fusion=concat"):
         _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)  # each ablation from the defaults
         output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", override], project)
-        assert {"train", "evaluate", "predict"} <= _stages_run(output) <= {"extract_text", "train", "evaluate", "predict"}
+        stages = _stages_run(output)
+        assert {"train", "evaluate", "predict"} <= stages <= {"extract_text", "train", "evaluate", "predict"}
     table = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, stdout_only=True))
     seen = set()
     for commit in table:
@@ -128,11 +164,11 @@ def test_ablation_experiments_show_side_by_side(project: Path):
 
 def test_every_switch_trains_on_the_demo_features(project: Path, monkeypatch):
     """Each model / loss switch trains end to end (2 epochs) on the demo's real pipeline outputs."""
-    from pipeline.build_graphs import load_graphs
     from pipeline.config import parse_params
     from pipeline.data import load_dialogues
-    from pipeline.prepare import load_labels
+    from pipeline.graphs import load_graphs
     from pipeline.train import train
+    from pipeline.utterances import load_labels, load_utterances
 
     monkeypatch.chdir(project)
     switches = [{"model": {"fusion": f}} for f in ("concat", "cross_attention", "joint_vectors")]
@@ -140,9 +176,15 @@ def test_every_switch_trains_on_the_demo_features(project: Path, monkeypatch):
     switches += [{"model": {"context": c}} for c in ("gru", "transformer", "none")]
     switches += [{"loss": {"contrastive": c}} for c in ("none", "supcon", "interclass")]
     switches += [{"loss": {"sentiment_weight": 0.0, "class_weights": "inverse_frequency"}}, {"train": {"patience": 1}}]
-    labels = load_labels()
-    splits, encoders = load_dialogues(labels["emotions"], labels["sentiments"])
-    _, num_relations = load_graphs()
+    labels = load_labels(project / "data/prepared/labels.json")
+    graphs, num_relations = load_graphs(project / "data/graphs")
+    splits, encoders = load_dialogues(
+        labels["emotions"],
+        labels["sentiments"],
+        load_utterances(project / "data/prepared/utterances.csv"),
+        project / "data/features",
+        graphs,
+    )
     for switch in switches:
         raw = {**switch, "train": {"epochs": 2, **switch.get("train", {})}}
         result = train(parse_params(raw), splits, num_relations, labels, encoders)
@@ -152,18 +194,28 @@ def test_every_switch_trains_on_the_demo_features(project: Path, monkeypatch):
 
 def test_regression_check_fails_on_a_broken_pipeline(project: Path):
     _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)
-    source = project / "pipeline/extract_text.py"
+    source = project / "pipeline/text_features.py"  # the text features' code (extract_text is the stage's wrapper)
     code = source.read_text()
     anchor = "        table, _ = cache.table([u.utterance_id for u in utterances], info)\n"
     assert code.count(anchor) == 1
     # The bug: rows no longer belong to their utterances.
-    source.write_text(code.replace(anchor, anchor + "        table.features = table.features[torch.randperm("
-                                   "len(table.features), generator=torch.Generator().manual_seed(0))]\n"))
+    source.write_text(
+        code.replace(
+            anchor,
+            anchor + "        table.features = table.features[torch.randperm("
+            "len(table.features), generator=torch.Generator().manual_seed(0))]\n",
+        )
+    )
     output = _run([sys.executable, "-m", "dvc", "repro"], project)
     assert _stages_run(output) == {"extract_text", "train", "evaluate", "predict"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.regression", "--rev", "HEAD"], cwd=project,
-                            env=_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.regression", "reproduce"],
+        cwd=project,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "REGRESSION against HEAD" in result.stdout
-    assert "test.emotion.weighted_f1" in result.stdout
+    assert "NOT REPRODUCED" in result.stdout
+    assert "metrics/eval/metrics.json: test.emotion.weighted_f1: committed" in result.stdout
     assert "dvc metrics diff HEAD" in result.stdout and "| Path" in result.stdout  # the diff table is shown

@@ -21,8 +21,15 @@ import yaml
 from pipeline import predict
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_AUDIO = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-              "conv_dim": [8] * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+TINY_AUDIO = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "conv_dim": [8] * 7,
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +37,7 @@ def run_dir(tmp_path_factory, demo_root: Path) -> Path:
     """A directory with params.yaml and models/model.pt trained on the demo (cwd during the tests)."""
     from pipeline import build_graphs, extract_audio, extract_text, extract_visual, prepare, train
     from pipeline.config import load_params
+    from pipeline.utterances import UTTERANCES_FILE
 
     root = tmp_path_factory.mktemp("predict_run")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -41,8 +49,21 @@ def run_dir(tmp_path_factory, demo_root: Path) -> Path:
     os.chdir(root)
     try:
         params = load_params("params.yaml")
-        for stage in (prepare, extract_text, extract_audio, extract_visual, build_graphs, train):
-            stage.run(params)
+        # the stages as dvc.yaml runs them, with its paths
+        prepared, features, graphs = Path("data/prepared"), Path("data/features"), Path("data/graphs")
+        prepare.run(params, out=prepared)
+        for stage in (extract_text, extract_audio, extract_visual):
+            stage.run(params, utterances=prepared / UTTERANCES_FILE, out=features)
+        build_graphs.run(params, utterances=prepared / UTTERANCES_FILE, out=graphs)
+        train.run(
+            params,
+            prepared=prepared,
+            features=features,
+            graphs=graphs,
+            model=Path("models/model.pt"),
+            metrics=Path("metrics/train"),
+            resume_dir=Path("data/interim/train"),
+        )
     finally:
         os.chdir(cwd)
     return root
@@ -56,8 +77,18 @@ def rows_by_id(path: Path) -> dict[str, dict]:
 def test_predict_with_transcript_reports_the_corrupt_clip(run_dir: Path, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
     clips = REPO / "data/raw/predict"
-    code = predict.main(["--clips", str(clips / "clips"), "--transcript", str(clips / "transcript.csv"),
-                         "--out", "out", "--work", "work"])
+    code = predict.main(
+        [
+            "--clips",
+            str(clips / "clips"),
+            "--transcript",
+            str(clips / "transcript.csv"),
+            "--out",
+            "out",
+            "--work",
+            "work",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = rows_by_id(run_dir / "out/predictions.csv")
     assert len(rows) == 13 and list(rows)[:3] == ["conv0_utt0", "conv0_utt1", "conv0_utt2"]
@@ -73,7 +104,7 @@ def test_predict_with_transcript_reports_the_corrupt_clip(run_dir: Path, monkeyp
         assert float(r["emotion_prob"]) == pytest.approx(max(probs), abs=1e-4)
     result = json.loads((run_dir / "out/predictions.json").read_text())
     by_id = {r["utterance_id"]: r for r in result["rows"]}
-    assert by_id["conv1_utt1"]["missing"] == {"audio": "decode_error", "visual": "decode_error"}  # truncated
+    assert by_id["conv1_utt1"]["missing"] == {"audio": "truncated", "visual": "truncated"}
     assert by_id["conv1_utt1"]["modalities"] == ["text"]
     assert result["skipped"] == [] and result["text_source"] == "transcript"
     assert result["encoders"]["text"]["pretrained"] is True and result["encoders"]["audio"]["pretrained"] is False
@@ -86,8 +117,20 @@ def test_predict_refuses_other_feature_settings(run_dir: Path, monkeypatch, caps
     raw["text"]["batch_size"] = 3  # runtime only: not a difference
     Path("other.yaml").write_text(yaml.safe_dump(raw))
     clips = REPO / "data/raw/predict"
-    code = predict.main(["--clips", str(clips / "clips"), "--transcript", str(clips / "transcript.csv"),
-                         "--params", "other.yaml", "--out", "refused", "--work", "work"])
+    code = predict.main(
+        [
+            "--clips",
+            str(clips / "clips"),
+            "--transcript",
+            str(clips / "transcript.csv"),
+            "--params",
+            "other.yaml",
+            "--out",
+            "refused",
+            "--work",
+            "work",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: models/model.pt was trained on features made with other settings")
@@ -97,22 +140,41 @@ def test_predict_refuses_other_feature_settings(run_dir: Path, monkeypatch, caps
     checkpoint = torch.load("models/model.pt", weights_only=True)
     del checkpoint["feature_params"]
     torch.save(checkpoint, "old.pt")
-    assert predict.main(["--clips", str(clips / "clips"), "--checkpoint", "old.pt",
-                         "--transcript", str(clips / "transcript.csv"), "--out", "refused"]) == 1
+    assert (
+        predict.main(
+            [
+                "--clips",
+                str(clips / "clips"),
+                "--checkpoint",
+                "old.pt",
+                "--transcript",
+                str(clips / "transcript.csv"),
+                "--out",
+                "refused",
+            ]
+        )
+        == 1
+    )
     assert "does not record its feature settings" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def tiny_asr(tmp_path_factory) -> Path:
     """A randomly initialised wav2vec2-CTC model with a letter vocabulary, saved as a HF directory."""
-    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                              Wav2Vec2Processor)
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
 
     path = tmp_path_factory.mktemp("tiny_asr")
     vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
     (path / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
-                                     word_delimiter_token="|")
+    tokenizer = Wav2Vec2CTCTokenizer(
+        str(path / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|"
+    )
     extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
     torch.manual_seed(0)
@@ -135,9 +197,10 @@ def test_predict_without_transcript_uses_asr(run_dir: Path, tiny_asr: Path, demo
     assert code == 0, capsys.readouterr().err
     result = json.loads((run_dir / "asr_out/predictions.json").read_text())
     assert result["text_source"] == f"asr ({tiny_asr})"
-    assert result["not_transcribed"] == {"dia2_utt3": "decode_error"}
-    assert result["skipped"] == [{"utterance_id": "dia2_utt3", "reasons": {
-        "text": "empty_text", "audio": "decode_error", "visual": "decode_error"}}]
+    assert result["not_transcribed"] == {"dia2_utt3": "corrupt"}
+    assert result["skipped"] == [
+        {"utterance_id": "dia2_utt3", "reasons": {"text": "empty_text", "audio": "corrupt", "visual": "corrupt"}}
+    ]
     rows = result["rows"]
     assert [r["utterance_id"] for r in rows] == ["dia2_utt0", "dia2_utt1", "dia2_utt2"]
     assert {r["dialogue_id"] for r in rows} == {"./dia2"} and [r["utterance_index"] for r in rows] == [0, 1, 2]
@@ -154,8 +217,12 @@ def test_discover_clips_orders_dialogues(tmp_path: Path):
         (tmp_path / name).write_bytes(b"x")
     found = predict.discover_clips(tmp_path)
     assert [(u.utterance_id, u.dialogue_id, u.utterance_index) for u in found] == [
-        ("a/alpha", "a", 0), ("a/zeta", "a", 1),
-        ("b/dia1_utt0", "b/dia1", 0), ("b/dia3_utt2", "b/dia3", 2), ("b/dia3_utt10", "b/dia3", 10)]
+        ("a/alpha", "a", 0),
+        ("a/zeta", "a", 1),
+        ("b/dia1_utt0", "b/dia1", 0),
+        ("b/dia3_utt2", "b/dia3", 2),
+        ("b/dia3_utt10", "b/dia3", 10),
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(predict.DatasetError, match="no media files"):
         predict.discover_clips(tmp_path / "empty")
@@ -176,8 +243,9 @@ def test_predict_on_real_videos_with_a_handwritten_transcript(run_dir: Path, sha
         w.writerow(["pexels", "pexels_2", "Actress", "Fine. I'm leaving.", pexels, 13.0, 19.5])
         w.writerow(["other", "single", "A", "Hello, nice to see you.", (videos / "single_face.mp4").as_posix(), "", ""])
         w.writerow(["other", "empty_room", "B", "Is anyone there?", (videos / "no_face.mp4").as_posix(), "", ""])
-    code = predict.main(["--clips", str(videos), "--transcript", str(transcript), "--out", "real_out",
-                         "--work", "real_work"])
+    code = predict.main(
+        ["--clips", str(videos), "--transcript", str(transcript), "--out", "real_out", "--work", "real_work"]
+    )
     assert code == 0, capsys.readouterr().err
     rows = rows_by_id(run_dir / "real_out/predictions.csv")
     assert list(rows) == ["pexels_0", "pexels_1", "pexels_2", "single", "empty_room"]

@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MELD_CSVS, MELD_HEADER, PREPARED, UTTERANCES, meld_csv_bytes, row, write_meld
 
-from conftest import MELD_CSVS, MELD_HEADER, meld_csv_bytes, row, write_meld
 from pipeline import prepare as prep
 from pipeline.config import parse_params
-from pipeline.prepare import DatasetError, Utterance, load_utterances
+from pipeline.datasets import DatasetError
+from pipeline.utterances import Utterance, load_labels, load_utterances
 
 
 def params_for(root: Path, **data):
@@ -27,21 +28,40 @@ def by_id(utterances: list[Utterance]) -> dict[str, Utterance]:
 
 
 def test_utterance_table_ids_order_speaker_and_text(tmp_path: Path):
-    root = write_meld(tmp_path / "meld", {"train": [
-        row(1, 0, "Second dialogue.", "Monica"),
-        row(0, 2, "  Third   line,\n  split\tover lines.  ", " Joey ", "Joy", "Positive"),
-        row(0, 0, "First line.", "Ross"),
-        row(0, 1, "Second line.", "Rachel", "anger", "negative"),
-    ], "dev": [row(4, 0, "Dev.", "Phoebe")]})
+    root = write_meld(
+        tmp_path / "meld",
+        {
+            "train": [
+                row(1, 0, "Second dialogue.", "Monica"),
+                row(0, 2, "  Third   line,\n  split\tover lines.  ", " Joey ", "Joy", "Positive"),
+                row(0, 0, "First line.", "Ross"),
+                row(0, 1, "Second line.", "Rachel", "anger", "negative"),
+            ],
+            "dev": [row(4, 0, "Dev.", "Phoebe")],
+        },
+    )
     utterances, _, report = prep.prepare(params_for(root))
 
     assert [u.utterance_id for u in utterances] == [
-        "train/dia0_utt0", "train/dia0_utt1", "train/dia0_utt2", "train/dia1_utt0", "dev/dia4_utt0", "test/dia0_utt0"]
+        "train/dia0_utt0",
+        "train/dia0_utt1",
+        "train/dia0_utt2",
+        "train/dia1_utt0",
+        "dev/dia4_utt0",
+        "test/dia0_utt0",
+    ]
     third = by_id(utterances)["train/dia0_utt2"]
     assert third == Utterance(
-        utterance_id="train/dia0_utt2", split="train", dialogue_id="train/0", utterance_index=2, speaker="Joey",
-        text="Third line, split over lines.", emotion="joy", sentiment="positive",
-        clip=(root / "train_splits" / "dia0_utt2.mp4").as_posix())
+        utterance_id="train/dia0_utt2",
+        split="train",
+        dialogue_id="train/0",
+        utterance_index=2,
+        speaker="Joey",
+        text="Third line, split over lines.",
+        emotion="joy",
+        sentiment="positive",
+        clip=(root / "train_splits" / "dia0_utt2.mp4").as_posix(),
+    )
     assert by_id(utterances)["dev/dia4_utt0"].clip == (root / "dev_splits_complete" / "dia4_utt0.mp4").as_posix()
     assert by_id(utterances)["test/dia0_utt0"].clip.endswith("output_repeated_splits_test/dia0_utt0.mp4")
     assert report["splits"]["train"]["rows"] == 4 and report["splits"]["train"]["dialogues"] == 2
@@ -135,16 +155,18 @@ def test_duplicate_utterance_names_both_rows(tmp_path: Path):
 
 def test_missing_column_names_the_column(tmp_path: Path):
     header = [c for c in MELD_HEADER if c != "Sentiment"]
-    root = write_meld(tmp_path / "meld", {"train": [row(0, 0)]},
-                      raw={"train": meld_csv_bytes([row(0, 0)], header=header)})
+    root = write_meld(
+        tmp_path / "meld", {"train": [row(0, 0)]}, raw={"train": meld_csv_bytes([row(0, 0)], header=header)}
+    )
     with pytest.raises(DatasetError) as err:
         prep.prepare(params_for(root))
     assert "'Sentiment'" in str(err.value) and "train_sent_emo.csv" in str(err.value)
 
 
 def test_non_integer_ids_are_rejected(tmp_path: Path):
-    root = write_meld(tmp_path / "meld", {"train": [row(0, 0), {**row(0, 1), "Utterance_ID": "1a"}]},
-                      missing={"train/dia0_utt1a"})
+    root = write_meld(
+        tmp_path / "meld", {"train": [row(0, 0), {**row(0, 1), "Utterance_ID": "1a"}]}, missing={"train/dia0_utt1a"}
+    )
     with pytest.raises(DatasetError, match=r"row 2.*'1a'"):
         prep.prepare(params_for(root))
 
@@ -175,13 +197,16 @@ def test_labels_in_params_are_matched_case_insensitively(tmp_path: Path):
 
 
 def test_run_writes_table_and_report_that_load_back(tmp_path: Path, stage_dir: Path):
-    root = write_meld(tmp_path / "meld", {"train": [row(0, 0, 'Quote "this", and, commas.'), row(0, 1, "")],
-                                          "dev": [row(2, 0, "Ünïcödé ’quotes’")]},
-                      missing={"dev/dia2_utt0"})
+    root = write_meld(
+        tmp_path / "meld",
+        {"train": [row(0, 0, 'Quote "this", and, commas.'), row(0, 1, "")], "dev": [row(2, 0, "Ünïcödé ’quotes’")]},
+        missing={"dev/dia2_utt0"},
+    )
     params = params_for(root)
-    prep.run(params)
-    table = load_utterances()
+    prep.run(params, out=PREPARED)
+    table = load_utterances(UTTERANCES)
     assert table == prep.prepare(params)[0]
+    assert load_labels(PREPARED / "labels.json") == prep.prepare(params)[1]
     assert by_id(table)["dev/dia2_utt0"].clip == ""
     assert by_id(table)["train/dia0_utt0"].text == 'Quote "this", and, commas.'
     report = json.loads(Path("data/prepared/report.json").read_text(encoding="utf-8"))
@@ -191,21 +216,27 @@ def test_run_writes_table_and_report_that_load_back(tmp_path: Path, stage_dir: P
 
 def test_load_utterances_before_the_stage_ran(stage_dir: Path):
     with pytest.raises(FileNotFoundError, match="prepare"):
-        load_utterances()
+        load_utterances(UTTERANCES)
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        load_labels(PREPARED / "labels.json")
 
 
 def _run_cli(args: list[str], cwd: Path, repo_root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONWARNINGS": "ignore",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_bad_dataset_exits_1_with_one_error_line(tmp_path: Path, repo_root: Path):
     root = write_meld(tmp_path / "meld", {"train": [row(0, 0), row(0, 1, emotion="angry")]})
     params = tmp_path / "params.yaml"
     params.write_text(f"data:\n  root: {root}\n", encoding="utf-8")
-    result = _run_cli(["--params", str(params)], tmp_path, repo_root)
+    result = _run_cli(["--params", str(params), "--out", "data/prepared"], tmp_path, repo_root)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -217,7 +248,7 @@ def test_cli_bad_dataset_exits_1_with_one_error_line(tmp_path: Path, repo_root: 
 def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path, repo_root: Path):
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  missing_clips: skip\n", encoding="utf-8")
-    result = _run_cli(["--params", str(params)], tmp_path, repo_root)
+    result = _run_cli(["--params", str(params), "--out", "data/prepared"], tmp_path, repo_root)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "data.missing_clips" in result.stderr
 
@@ -228,7 +259,10 @@ def test_bundled_demo_release(demo_root: Path):
     # scripts/make_demo.py: 12/3/4 dialogues; defects: a missing clip, a clip without audio, one without a face.
     assert {s: r["dialogues"] for s, r in report["splits"].items()} == {"train": 12, "dev": 3, "test": 4}
     assert {s: r["missing_clips"] for s, r in report["splits"].items()} == {
-        "train": ["train/dia2_utt1"], "dev": [], "test": []}
+        "train": ["train/dia2_utt1"],
+        "dev": [],
+        "test": [],
+    }
     assert table["train/dia2_utt1"].clip == ""
     assert Path(table["train/dia5_utt0"].clip).is_file() and Path(table["test/dia1_utt2"].clip).is_file()
     assert all(Path(u.clip).is_file() for u in utterances if u.clip)
@@ -245,23 +279,34 @@ def meld_prepared(meld_dir: Path):
 
 def test_real_meld_counts(meld_prepared):
     utterances, labels, report = meld_prepared
-    assert labels == {"emotions": ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
-                      "sentiments": ["negative", "neutral", "positive"]}
+    assert labels == {
+        "emotions": ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
+        "sentiments": ["negative", "neutral", "positive"],
+    }
     assert len(utterances) == 13708
     splits = report["splits"]
     assert {s: splits[s]["rows"] for s in splits} == {"train": 9989, "dev": 1109, "test": 2610}
     assert {s: splits[s]["kept"] for s in splits} == {"train": 9989, "dev": 1109, "test": 2610}
     assert {s: splits[s]["dialogues"] for s in splits} == {"train": 1038, "dev": 114, "test": 280}
     # MELD's published train label distribution.
-    assert splits["train"]["emotions"] == {"neutral": 4710, "joy": 1743, "surprise": 1205, "anger": 1109,
-                                           "sadness": 683, "disgust": 271, "fear": 268}
+    assert splits["train"]["emotions"] == {
+        "neutral": 4710,
+        "joy": 1743,
+        "surprise": 1205,
+        "anger": 1109,
+        "sadness": 683,
+        "disgust": 271,
+        "fear": 268,
+    }
     assert len({u.utterance_id for u in utterances}) == 13708
 
 
 def test_real_meld_structure(meld_prepared):
     utterances, labels, report = meld_prepared
-    assert labels == {"emotions": ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
-                      "sentiments": ["negative", "neutral", "positive"]}
+    assert labels == {
+        "emotions": ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"],
+        "sentiments": ["negative", "neutral", "positive"],
+    }
     train_dialogues = {u.dialogue_id for u in utterances if u.split == "train"}
     assert "train/60" not in train_dialogues and "train/59" in train_dialogues and "train/61" in train_dialogues
     # No clips in ../shared: every row is kept text-only and listed.
@@ -287,14 +332,13 @@ def test_real_meld_skip_policy_without_clips_keeps_nothing(meld_dir: Path):
     assert report["splits"]["dev"]["rows"] == 1109 and report["splits"]["dev"]["kept"] == 0
 
 
-def test_real_meld_resaved_with_cp1252_apostrophes_gives_the_same_text(meld_dir: Path, tmp_path: Path,
-                                                                      meld_prepared):
+def test_real_meld_resaved_with_cp1252_apostrophes_gives_the_same_text(meld_dir: Path, tmp_path: Path, meld_prepared):
     copy = tmp_path / "meld"
     copy.mkdir()
     for name in MELD_CSVS.values():
         shutil.copy(meld_dir / name, copy / name)
     dev = (meld_dir / "dev_sent_emo.csv").read_bytes()
-    apostrophe = "’".encode("utf-8")
+    apostrophe = "’".encode()
     replaced = dev.count(apostrophe)
     assert replaced > 100
     (copy / "dev_sent_emo.csv").write_bytes(dev.replace(apostrophe, b"\x92"))
