@@ -153,7 +153,7 @@ def run(
                 "encoder_weights": {m: info.get("weights_id") for m, info in encoders.items()},
                 "encoder_revisions": {m: info.get("revision") for m, info in encoders.items()},
                 "versions": library_versions(),
-            "graph_backend": network.graph_backend_used,
+                "graph_backend": network.graph_backend_used,
             }
         )
     with atomic_path(predictions / "test.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
