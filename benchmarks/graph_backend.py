@@ -67,7 +67,7 @@ import torch  # noqa: E402
 from pipeline.config import Params, load_params, parse_params  # noqa: E402
 from pipeline.data import MODALITIES, Dialogue, batches  # noqa: E402
 from pipeline.graphs import build_dialogue_graph, num_relations  # noqa: E402
-from pipeline.losses import erc_loss  # noqa: E402
+from pipeline.losses import batch_loss  # noqa: E402
 from pipeline.modeling import ERCModel  # noqa: E402
 
 BACKENDS = ("dgl", "torch")
@@ -138,15 +138,7 @@ def train_epoch(
     start = time.perf_counter()
     for batch in batches(dialogues, params.train.batch_dialogues, shuffle=True, rng=random.Random(seed)):
         result = model(batch)
-        loss, _ = erc_loss(
-            result.emotion_logits,
-            result.sentiment_logits,
-            result.projections,
-            batch.emotion,
-            batch.sentiment,
-            params.loss,
-            None,
-        )
+        loss, _ = batch_loss(result, batch, params.loss, None)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import ModelParams, Params
 from pipeline.data import Dialogue, batches
-from pipeline.losses import erc_loss
+from pipeline.losses import batch_loss
 from pipeline.modeling import ERCModel
 
 
@@ -37,15 +37,7 @@ def run_model(
     for batch in batches(dialogues, params.train.batch_dialogues, shuffle=False):
         batch = batch.to(device)
         result = model(batch)
-        loss, _ = erc_loss(
-            result.emotion_logits,
-            result.sentiment_logits,
-            result.projections,
-            batch.emotion,
-            batch.sentiment,
-            params.loss,
-            class_weights,
-        )
+        loss, _ = batch_loss(result, batch, params.loss, class_weights)
         losses.append(loss.item())
         out["utterance_ids"] += batch.utterance_ids
         out["emotion_prob"].append(result.emotion_logits.softmax(-1).cpu())

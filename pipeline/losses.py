@@ -122,3 +122,21 @@ def erc_loss(
             ) + class_centre_loss(projections, emotion, config.temperature, weights)
         total = total + config.contrastive_weight * contrastive
     return total, {"emotion": emotion_ce.item(), "sentiment": sentiment_ce.item(), "contrastive": contrastive.item()}
+
+
+def batch_loss(output, batch, config: LossParams, class_weights: torch.Tensor | None = None):
+    """:func:`erc_loss` of a model output (:class:`pipeline.modeling.ERCOutput`) on its batch
+    (:class:`pipeline.data.DialogueBatch`: gold ``emotion`` / ``sentiment`` ``[N]``).
+
+    Returns:
+        (loss, its parts), as :func:`erc_loss`.
+    """
+    return erc_loss(
+        output.emotion_logits,
+        output.sentiment_logits,
+        output.projections,
+        batch.emotion,
+        batch.sentiment,
+        config,
+        class_weights,
+    )

@@ -49,7 +49,7 @@ from pipeline.encoders import default_device
 from pipeline.extraction_cache import code_fingerprint
 from pipeline.graphs import load_graphs
 from pipeline.inference import run_model
-from pipeline.losses import erc_loss, inverse_frequency
+from pipeline.losses import batch_loss, inverse_frequency
 from pipeline.modeling import ERCModel
 from pipeline.utterances import LABELS_FILE, UTTERANCES_FILE, load_labels, load_utterances
 
@@ -405,15 +405,7 @@ def train(
                 )
                 with autocast:
                     result = model(batch)
-                    loss, _ = erc_loss(
-                        result.emotion_logits,
-                        result.sentiment_logits,
-                        result.projections,
-                        batch.emotion,
-                        batch.sentiment,
-                        params.loss,
-                        class_weights,
-                    )
+                    loss, _ = batch_loss(result, batch, params.loss, class_weights)
                 optimizer.zero_grad()
                 if scaler is not None:
                     scaler.scale(loss).backward()

@@ -144,13 +144,13 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     """Record the epochs run and the training steps taken (calls of the training loss in pipeline.train)."""
     seen = {"epochs": [], "steps": []}
-    real = train_module.erc_loss
+    real = train_module.batch_loss
 
     def counted(*args, **kwargs):
         seen["steps"].append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "erc_loss", counted)
+    monkeypatch.setattr(train_module, "batch_loss", counted)
     return seen
 
 
