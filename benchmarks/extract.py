@@ -209,7 +209,7 @@ CALLS = {
         "encode_waves": "model (extractor+forward+pool)",
         "min_input_samples": "min_input_samples",
     },
-    "visual": {"sample_frames": "decode", "embed_faces": "model (detect+track+embed)"},
+    "visual": {"sample_frames": "decode", "embed_clips": "model (detect+track+embed)"},
 }
 
 
@@ -348,10 +348,11 @@ def bare_audio(utterances: list[Utterance], params: Params, device: torch.device
 
 
 def bare_visual(utterances: list[Utterance], params: Params, device: torch.device):
-    """MTCNN detect + extract + InceptionResnetV1 on pre-decoded frames, per clip as the pipeline batches.
+    """MTCNN detect + extract + InceptionResnetV1 on pre-decoded frames, batched as the pipeline batches.
 
-    Per clip: detection on batches of ``visual.batch_frames`` frames, the first (largest) face at or
-    above ``visual.min_face_prob`` in each frame, its crop, embeddings in batches of ``batch_frames``.
+    Per group of ``visual.clips_per_batch`` clips: detection on batches of ``visual.batch_frames`` frames
+    of one size, the first (largest) face at or above ``visual.min_face_prob`` in each frame, its crop,
+    embeddings of the group's crops in batches of ``batch_frames``.
     """
     from pipeline.encoders import load_face_models
 
@@ -359,30 +360,35 @@ def bare_visual(utterances: list[Utterance], params: Params, device: torch.devic
     mtcnn, embedder, _ = load_face_models(settings.face_weights, settings.min_face_prob, device)
     decode = decoded_once(
         lambda u: (u.clip, u.start, u.end),
-        lambda u: sample_frames(u.clip, settings.fps, settings.max_frames, u.start, u.end),
+        lambda u: sample_frames(u.clip, settings.fps, settings.max_frames, u.start, u.end, settings.max_frame_side),
     )
     clips = [f for u in utterances if u.clip and (f := decode(u)) is not None]
-    step = settings.batch_frames
+    step, per_group = settings.batch_frames, settings.clips_per_batch
 
-    def clip_faces(clip: list) -> tuple[list, list]:
-        """Detection in batches of ``step`` frames; per frame the first (largest) confident box."""
+    def group_faces(group: list) -> tuple[list, list]:
+        """Detection in batches of ``step`` frames of one size; per frame the first (largest) confident box."""
+        by_size: dict[tuple, list] = {}
+        for frame in (f for clip in group for f in clip):
+            by_size.setdefault(frame.shape, []).append(frame)
         keep_frames, keep_boxes = [], []
-        for s in range(0, len(clip), step):
-            boxes, probs = mtcnn.detect(clip[s : s + step])
-            for frame, b, p in zip(clip[s : s + step], boxes, probs):
-                good = [k for k in range(len(p)) if p[k] is not None and p[k] >= settings.min_face_prob]
-                if b is not None and good:
-                    keep_frames.append(frame)
-                    keep_boxes.append(b[good[:1]])
+        for frames in by_size.values():
+            for s in range(0, len(frames), step):
+                boxes, probs = mtcnn.detect(frames[s : s + step])
+                for frame, b, p in zip(frames[s : s + step], boxes, probs):
+                    good = [k for k in range(len(p)) if p[k] is not None and p[k] >= settings.min_face_prob]
+                    if b is not None and good:
+                        keep_frames.append(frame)
+                        keep_boxes.append(b[good[:1]])
         return keep_frames, keep_boxes
 
     def timed() -> dict:
         detect_s = embed_s = 0.0
         frames = tracked = 0
         with torch.inference_mode():
-            for clip in clips:
+            for g in range(0, len(clips), per_group):
+                group = clips[g : g + per_group]
                 t0 = time.perf_counter()
-                keep_frames, keep_boxes = clip_faces(clip)
+                keep_frames, keep_boxes = group_faces(group)
                 crops = mtcnn.extract(keep_frames, keep_boxes, None) if keep_frames else []
                 t1 = time.perf_counter()
                 if keep_frames:
@@ -392,7 +398,7 @@ def bare_visual(utterances: list[Utterance], params: Params, device: torch.devic
                 sync(device)
                 detect_s += t1 - t0
                 embed_s += time.perf_counter() - t1
-                frames += len(clip)
+                frames += sum(len(clip) for clip in group)
                 tracked += len(keep_frames)
         return {
             "seconds": detect_s + embed_s,

@@ -15,8 +15,8 @@ Layouts:
 
 from __future__ import annotations
 
-import codecs
 import csv
+import difflib
 import io
 import json
 import math
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import DataParams
-from pipeline.utterances import Utterance
+from pipeline.utterances import Utterance, allow_long_fields
 
 MELD_EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
 SENTIMENTS = ["negative", "neutral", "positive"]
@@ -63,23 +63,86 @@ class RawDataset:
     split_reports: dict[str, dict] = field(default_factory=dict)
 
 
-def _cp1252_fallback(err: UnicodeDecodeError) -> tuple[str, int]:
-    """Decode a byte that is not valid UTF-8 as cp1252 (MELD copies re-saved on Windows: ``\\x92``)."""
-    bad = err.object[err.start : err.end]
-    return bad.decode("cp1252", errors="replace"), err.end
+MAX_ROW_ERRORS = 50  # row errors listed in one run (the rest are counted)
 
 
-codecs.register_error("meld_cp1252", _cp1252_fallback)
+class RowErrors:
+    """The row errors of one read, collected so that one run lists them all (up to ``cap``), then stops.
+
+    A reader adds each bad row's :class:`DatasetError` and goes on with the next row; :meth:`check`
+    raises one :class:`DatasetError` listing them. Errors that make the rest meaningless (a missing file
+    or column) are raised at once instead.
+    """
+
+    def __init__(self, cap: int = MAX_ROW_ERRORS):
+        self.cap, self.count, self.messages = cap, 0, []
+
+    def add(self, error: DatasetError | str) -> None:
+        self.count += 1
+        if len(self.messages) < self.cap:
+            self.messages.append(str(error))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def check(self) -> None:
+        """Raise the collected errors, if any.
+
+        Raises:
+            DatasetError: one message per row (the first ``cap``), then how many more there are.
+        """
+        if not self.count:
+            return
+        if self.count == 1:
+            raise DatasetError(self.messages[0])
+        more = f"\n  ... and {self.count - self.cap} more" if self.count > self.cap else ""
+        raise DatasetError(f"{self.count} bad rows; fix them all, then rerun:\n  " + "\n  ".join(self.messages) + more)
 
 
-def read_text(path: Path) -> tuple[str, int]:
-    """Read a text file as UTF-8, decoding stray cp1252 bytes; returns (text, number of bytes repaired)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig"), 0
-    except UnicodeDecodeError:
-        invalid = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
-        return raw.decode("utf-8-sig", errors="meld_cp1252"), invalid
+def read_text(path: Path) -> str:
+    """Read a text file as UTF-8 (a BOM is dropped).
+
+    Bytes that are not valid UTF-8 (MELD copies re-saved on Windows hold cp1252 ``\\x92``) come back as
+    lone surrogates U+DC80-U+DCFF (``surrogateescape``): :func:`repair_text` decodes them row by row,
+    so each repair is reported with its row.
+    """
+    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+
+
+_REPAIRABLE = re.compile("[\x80-\x9f\udc80-\udcff]")
+
+
+def repair_text(value: str) -> tuple[str, int]:
+    """Decode the cp1252 that reached a text: stray bytes and C1 control characters.
+
+    Two forms: a byte that is not UTF-8 (a lone surrogate from :func:`read_text`), and a C1 control
+    character U+0080-U+009F, which is a cp1252 byte mis-decoded as Latin-1 upstream (U+0092 stands for
+    ’). Each becomes the cp1252 character it stands for; the five bytes cp1252 leaves undefined
+    (0x81, 0x8D, 0x8F, 0x90, 0x9D) are dropped. Tokenizers drop C1 characters silently.
+
+    Returns:
+        (the repaired text, the number of characters repaired).
+    """
+    count = 0
+
+    def fix(match: re.Match) -> str:
+        nonlocal count
+        count += 1
+        code = ord(match.group())
+        return bytes([code - 0xDC00 if code >= 0xDC00 else code]).decode("cp1252", errors="ignore")
+
+    return _REPAIRABLE.sub(fix, value), count
+
+
+def repair_record(record: dict) -> tuple[dict, int]:
+    """:func:`repair_text` on every string value of a row: (the repaired row, characters repaired)."""
+    out, total = {}, 0
+    for key, value in record.items():
+        if isinstance(value, str):
+            value, n = repair_text(value)
+            total += n
+        out[key] = value
+    return out, total
 
 
 def normalise_text(text: str | None) -> str:
@@ -87,56 +150,78 @@ def normalise_text(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
-def read_meld_split(root: Path, split: str, data: DataParams) -> tuple[list[tuple[Utterance, str]], dict]:
-    """Read one MELD split CSV and locate its clips.
+def _meld_seconds(value: str | None) -> float | None:
+    """MELD's ``StartTime``/``EndTime`` (``HH:MM:SS,mmm``) in seconds; None when absent or unreadable."""
+    match = re.fullmatch(r"\s*(\d+):(\d\d):(\d\d)[,.](\d{1,3})\s*", value or "")
+    if not match:
+        return None
+    h, m, sec, ms = match.groups()
+    return int(h) * 3600 + int(m) * 60 + int(sec) + int(ms.ljust(3, "0")) / 1000
+
+
+def read_meld_split(
+    root: Path, split: str, data: DataParams, errors: RowErrors
+) -> tuple[list[tuple[Utterance, str]], dict]:
+    """Read one MELD split CSV and locate its clips; bad rows go to ``errors`` (and are left out).
 
     Returns:
-        (``(utterance, where)`` in dialogue order, a report dict: rows, repaired bytes, missing clips).
+        (``(utterance, where)`` in dialogue order, a report dict: ``rows``, ``missing_clips``,
+        ``dangling_symlinks`` (clips that are links to nothing), ``cp1252_repaired`` (rows),
+        ``end_before_start`` (rows whose ``EndTime`` precedes their ``StartTime``: kept, as the
+        utterance's own clip is used, not the times)).
 
     Raises:
-        DatasetError: missing file or column, bad id, duplicate utterance.
+        DatasetError: a missing column (at once); bad ids and duplicate utterances go to ``errors``.
     """
     csv_name, clip_dir = MELD_SPLITS[split]
     path = root / csv_name
-    if not path.exists():
-        raise DatasetError(
-            f"{path}: not found; data.root must hold MELD's {', '.join(c for c, _ in MELD_SPLITS.values())}"
-        )
-    text, repaired = read_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    allow_long_fields()
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     missing_cols = [c for c in MELD_COLUMNS if c not in (reader.fieldnames or [])]
     if missing_cols:
         raise DatasetError(f"{path}: missing column(s) {missing_cols}; found {reader.fieldnames}")
     rows: list[tuple[Utterance, str]] = []
     seen: dict[tuple[int, int], int] = {}
-    missing_clips: list[str] = []
-    row_no = 0
+    report: dict = {"rows": 0, "missing_clips": [], "dangling_symlinks": [], "cp1252_repaired": []}
+    report["end_before_start"] = []
     for row_no, row in enumerate(reader, start=1):
+        report["rows"] = row_no
         where = f"{path}, row {row_no} (line {reader.line_num})"
+        row, repaired = repair_record(row)
         try:
             d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
         except (TypeError, ValueError):
-            raise DatasetError(
+            errors.add(
                 f"{where}: Dialogue_ID/Utterance_ID must be integers, got "
-                f"{row['Dialogue_ID']!r}/{row['Utterance_ID']!r}"
-            ) from None
+                f"{row['Dialogue_ID']!r}/{row['Utterance_ID']!r}; fix the cells"
+            )
+            continue
         if (d, u) in seen:
-            raise DatasetError(
+            errors.add(
                 f"{where}: duplicate utterance Dialogue_ID={d}, Utterance_ID={u} "
                 f"(first at row {seen[d, u]}); remove one of the two rows"
             )
+            continue
         seen[d, u] = row_no
+        uid = f"{split}/dia{d}_utt{u}"
+        if repaired:
+            report["cp1252_repaired"].append({"row": where, "utterance_id": uid, "characters": repaired})
+        start, end = _meld_seconds(row.get("StartTime")), _meld_seconds(row.get("EndTime"))
+        if start is not None and end is not None and end < start:
+            report["end_before_start"].append({"row": where, "utterance_id": uid, "start": start, "end": end})
         clip = root / clip_dir / f"dia{d}_utt{u}.mp4"
         clip_field = clip.as_posix()
         if not clip.exists():
-            missing_clips.append(f"{split}/dia{d}_utt{u}")
+            report["missing_clips"].append(uid)
+            if clip.is_symlink():
+                report["dangling_symlinks"].append(clip.as_posix())
             if data.missing_clip == "skip":
                 continue
             clip_field = ""
         rows.append(
             (
                 Utterance(
-                    utterance_id=f"{split}/dia{d}_utt{u}",
+                    utterance_id=uid,
                     split=split,
                     dialogue_id=f"{split}/{d}",
                     utterance_index=u,
@@ -150,10 +235,10 @@ def read_meld_split(root: Path, split: str, data: DataParams) -> tuple[list[tupl
             )
         )
     rows.sort(key=lambda r: (int(r[0].dialogue_id.split("/")[1]), r[0].utterance_index))
-    return rows, {"rows": row_no, "repaired_bytes": repaired, "missing_clips": missing_clips}
+    return rows, report
 
 
-def read_meld(root: Path, data: DataParams) -> RawDataset:
+def read_meld(root: Path, data: DataParams, errors: RowErrors | None = None) -> RawDataset:
     """MELD's raw release layout (declare-lab/MELD)::
 
         <root>/train_sent_emo.csv   train_splits/dia{Dialogue_ID}_utt{Utterance_ID}.mp4
@@ -161,20 +246,39 @@ def read_meld(root: Path, data: DataParams) -> RawDataset:
         <root>/test_sent_emo.csv    output_repeated_splits_test/...
 
     Utterance ids are ``<split>/dia<D>_utt<U>`` (MELD restarts dialogue ids per split). Clips the CSV
-    lists but the release lacks are kept text-only or skipped (``data.missing_clip``) and listed.
+    lists but the release lacks are kept text-only or skipped (``data.missing_clip``) and listed. A
+    release with only some of the CSVs (a dev-only copy) is read; the missing splits are listed in
+    ``report["missing_splits"]`` (:mod:`pipeline.prepare` says what that means).
+
+    Args:
+        errors: where bad rows go; None: collected here and raised at the end.
 
     Raises:
-        DatasetError: a missing CSV or column, a non-integer id, a duplicate utterance.
+        DatasetError: none of the three CSVs, a missing column; with ``errors=None`` also the bad rows
+            (non-integer ids, duplicate utterances), all of them in one message.
     """
+    own = errors is None
+    errors = RowErrors() if errors is None else errors
+    present = [split for split, (csv_name, _) in MELD_SPLITS.items() if (root / csv_name).is_file()]
+    if not present:
+        raise DatasetError(
+            f"{root}: none of MELD's {', '.join(c for c, _ in MELD_SPLITS.values())} found; "
+            "point data.root at the folder that holds them"
+        )
     dataset = RawDataset([], list(MELD_EMOTIONS), list(SENTIMENTS))
-    for split in MELD_SPLITS:
-        rows, split_report = read_meld_split(root, split, data)
+    dataset.report["missing_splits"] = {
+        split: (root / csv_name).as_posix() for split, (csv_name, _) in MELD_SPLITS.items() if split not in present
+    }
+    for split in present:
+        rows, split_report = read_meld_split(root, split, data, errors)
         dataset.rows += rows
         dataset.split_reports[split] = split_report
+    if own:
+        errors.check()
     return dataset
 
 
-def read_iemocap(root: Path, data: DataParams) -> RawDataset:
+def read_iemocap(root: Path, data: DataParams, errors: RowErrors | None = None) -> RawDataset:
     """IEMOCAP's full release layout (``IEMOCAP_full_release``), one video and one wav per dialogue::
 
         <root>/Session{1..5}/dialog/EmoEvaluation/<dialog>.txt    times and labels
@@ -199,11 +303,19 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
     utterances are listed in ``split_reports[split]["missing_clips"]``; one with only one of the two is
     listed in ``report["partial_media"]``.
 
+    Stray cp1252 in the transcriptions is decoded (:func:`repair_text`), each repaired line listed in
+    ``report["cp1252_repaired"]``.
+
+    Args:
+        errors: where bad lines go; None: collected here and raised at the end.
+
     Raises:
-        DatasetError: no ``Session*/dialog/EmoEvaluation/*.txt`` under root, a label code that is not
-            IEMOCAP's, a malformed or duplicate utterance name, too few Session 1-4 dialogues for the
-            dev draw.
+        DatasetError: no ``Session*/dialog/EmoEvaluation/*.txt`` under root, a dialogue found twice, too
+            few Session 1-4 dialogues for the dev draw; with ``errors=None`` also the bad lines (a label
+            code that is not IEMOCAP's, a malformed or duplicate utterance name), all in one message.
     """
+    own = errors is None
+    errors = RowErrors() if errors is None else errors
     evaluations = sorted(
         (p for p in root.glob("Session*/dialog/EmoEvaluation/*.txt") if not p.name.startswith(".")),
         key=lambda p: (p.stem, p),
@@ -219,13 +331,20 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
     for path in evaluations:
         if path.stem in dialogues:
             raise DatasetError(f"{path}: dialogue {path.stem} also in {dialogues[path.stem][0]}; keep one copy")
-        dialogues[path.stem] = path, _iemocap_evaluation(path)
-        for name, *_, where in dialogues[path.stem][1]:
+        entries = []
+        for entry in _iemocap_evaluation(path, errors):
+            name, where = entry[0], entry[-1]
             if name in seen:
-                raise DatasetError(
+                errors.add(
                     f"{where}: duplicate utterance {name} (also at {seen[name]}); remove the duplicate dialogue or line"
                 )
+                continue
             seen[name] = where
+            try:
+                entries.append((*entry[:4], _iemocap_speaker(name, where), where))
+            except DatasetError as err:
+                errors.add(err)
+        dialogues[path.stem] = path, entries
     pool = sorted(d for d, (path, _) in dialogues.items() if path.parents[2].name != "Session5")
     if len(pool) < data.dev_dialogues + 1:
         raise DatasetError(
@@ -241,7 +360,7 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
         "missing_transcriptions": [],
         "unmatched_transcript_lines": 0,
         "no_transcript": 0,
-        "repaired_bytes": 0,
+        "cp1252_repaired": [],
     }
     split_reports = {s: {"rows": 0, "missing_clips": []} for s in MELD_SPLITS}
     rows: list[tuple[Utterance, str]] = []
@@ -262,7 +381,7 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
         elif not clip or not audio:
             report["partial_media"].append(dialogue)
         texts = _iemocap_transcription(dialog_dir / "transcriptions" / path.name, report)
-        for index, (name, start, end, label, where) in enumerate(kept):
+        for index, (name, start, end, label, speaker, where) in enumerate(kept):
             report["no_transcript"] += name not in texts
             rows.append(
                 (
@@ -271,7 +390,7 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
                         split=split,
                         dialogue_id=dialogue,
                         utterance_index=index,
-                        speaker=_iemocap_speaker(name, where),
+                        speaker=speaker,
                         text=texts.get(name, ""),
                         emotion=label,
                         sentiment="",
@@ -284,10 +403,14 @@ def read_iemocap(root: Path, data: DataParams) -> RawDataset:
                 )
             )
     report["dropped_labels"] = dict(report["dropped_labels"])
+    if own:
+        errors.check()
     return RawDataset(rows, list(_IEMOCAP_EMOTIONS), list(SENTIMENTS), report, split_reports)
 
 
-def read_manifest(path: Path, data: DataParams, require_labels: bool = True) -> RawDataset:
+def read_manifest(
+    path: Path, data: DataParams, require_labels: bool = True, errors: RowErrors | None = None
+) -> RawDataset:
     """A generic utterance manifest for your own data: a ``.csv`` (UTF-8; stray cp1252 bytes decoded) or
     ``.jsonl`` file (one object per line, blank lines ignored), or a folder holding ``manifest.csv`` or
     ``manifest.jsonl``. One row per utterance::
@@ -306,15 +429,29 @@ def read_manifest(path: Path, data: DataParams, require_labels: bool = True) -> 
     emotion classes are the sorted labels present. With ``require_labels=False`` (prediction on
     unlabelled transcripts) ``emotion`` may be absent (``""``) and ``split`` defaults to ``test``.
 
+    A column (CSV) or key (JSONL) outside these is an error that suggests the nearest known name (a
+    misspelt ``media_path`` would otherwise turn every row text-only). Cells of any length are read;
+    stray cp1252 is decoded (:func:`repair_text`), each repaired row listed in
+    ``report["cp1252_repaired"]``. A media file that is a link to nothing is listed in
+    ``report["dangling_symlinks"]``.
+
+    Args:
+        errors: where bad rows go; None: collected here and raised at the end (all in one message).
+
     Raises:
         DatasetError: naming the file and the row (CSV data row / JSONL line) and the fix: no manifest
-            or two in a folder, a missing column or key, invalid JSON or a line that is not an object, an
+            or two in a folder, a missing or unknown column (at once); with ``errors=None`` also every
+            bad row: a missing or unknown key, invalid JSON or a line that is not an object, an
             empty or duplicate utterance_id, an empty dialogue_id, a split outside train/dev/test or a
             dialogue in two splits, a non-integer or duplicate utterance_index, a bad start/end.
     """
+    own = errors is None
+    errors = RowErrors() if errors is None else errors
     path = _manifest_file(path)
     required = [c for c in _MANIFEST_REQUIRED if require_labels or c not in ("emotion", "split")]
-    records, columns, repaired = _manifest_records(path, required)
+    records, columns = _manifest_records(path, required, errors)
+    repairs: list[dict] = []
+    dangling: list[str] = []
     dialogues: dict[str, list[tuple[Utterance, str]]] = {}  # in order of first appearance
     seen_at: dict[object, str] = {}  # utterance id, (dialogue id, index) -> where
     split_of: dict[str, tuple[str, str]] = {}
@@ -323,77 +460,91 @@ def read_manifest(path: Path, data: DataParams, require_labels: bool = True) -> 
     split_reports = {s: {"rows": 0, "missing_clips": []} for s in MELD_SPLITS}
     rows: list[tuple[Utterance, str]] = []
     for where, rec in records:
-        uid, did = _cell(rec, "utterance_id"), _cell(rec, "dialogue_id")
-        if not uid or not did:
-            raise DatasetError(f"{where}: empty {'utterance_id' if not uid else 'dialogue_id'}; give every row one")
-        if uid in seen_at:
-            raise DatasetError(
-                f"{where}: duplicate utterance_id {uid!r} (first at {seen_at[uid]}); utterance ids must be unique"
-            )
-        seen_at[uid] = where
-        split = _cell(rec, "split").lower() or ("" if require_labels else "test")
-        if split not in MELD_SPLITS:
-            raise DatasetError(f"{where}: split {split!r} is not one of train, dev, test; fix the cell")
-        other, other_where = split_of.setdefault(did, (split, where))
-        if other != split:
-            raise DatasetError(
-                f"{where}: dialogue {did!r} is in split {split!r} here but {other!r} at "
-                f"{other_where}; a dialogue must lie in one split"
-            )
-        if "utterance_index" in columns:
-            try:
-                index = int(_cell(rec, "utterance_index"))
-            except ValueError:
+        try:
+            rec, repaired = repair_record(rec)
+            uid, did = _cell(rec, "utterance_id"), _cell(rec, "dialogue_id")
+            if not uid or not did:
+                raise DatasetError(f"{where}: empty {'utterance_id' if not uid else 'dialogue_id'}; give every row one")
+            if uid in seen_at:
                 raise DatasetError(
-                    f"{where}: utterance_index must be an integer, got "
-                    f"{rec.get('utterance_index')!r}; fix the cell or drop the column"
-                ) from None
-        else:
-            index = positions[did]
-        positions[did] += 1
-        if (did, index) in seen_at:
-            raise DatasetError(
-                f"{where}: utterance_index {index} repeats in dialogue {did!r} (first at "
-                f"{seen_at[did, index]}); give each utterance of a dialogue its own index"
+                    f"{where}: duplicate utterance_id {uid!r} (first at {seen_at[uid]}); utterance ids must be unique"
+                )
+            seen_at[uid] = where
+            if repaired:
+                repairs.append({"row": where, "utterance_id": uid, "characters": repaired})
+            split = _cell(rec, "split").lower() or ("" if require_labels else "test")
+            if split not in MELD_SPLITS:
+                raise DatasetError(f"{where}: split {split!r} is not one of train, dev, test; fix the cell")
+            other, other_where = split_of.setdefault(did, (split, where))
+            if other != split:
+                raise DatasetError(
+                    f"{where}: dialogue {did!r} is in split {split!r} here but {other!r} at "
+                    f"{other_where}; a dialogue must lie in one split"
+                )
+            if "utterance_index" in columns:
+                try:
+                    index = int(_cell(rec, "utterance_index"))
+                except ValueError:
+                    raise DatasetError(
+                        f"{where}: utterance_index must be an integer, got "
+                        f"{rec.get('utterance_index')!r}; fix the cell or drop the column"
+                    ) from None
+            else:
+                index = positions[did]
+            positions[did] += 1
+            if (did, index) in seen_at:
+                raise DatasetError(
+                    f"{where}: utterance_index {index} repeats in dialogue {did!r} (first at "
+                    f"{seen_at[did, index]}); give each utterance of a dialogue its own index"
+                )
+            seen_at[did, index] = where
+            start, end = _seconds(rec, "start", where), _seconds(rec, "end", where)
+            if (start is not None and start < 0) or (end is not None and end <= (start or 0)):
+                raise DatasetError(
+                    f"{where}: start/end must satisfy 0 <= start < end (seconds), got start={start}, "
+                    f"end={end}; fix the cells or leave them empty (whole file)"
+                )
+            emotion = _cell(rec, "emotion").lower()
+            emotions.add(emotion)
+            split_reports[split]["rows"] += 1
+            media = [_manifest_media(path.parent, _cell(rec, key)) for key in ("media", "audio")]
+            if any(m is not None and not m.is_file() for m in media):
+                split_reports[split]["missing_clips"].append(uid)
+                dangling += [m.as_posix() for m in media if m is not None and m.is_symlink() and not m.exists()]
+                if data.missing_clip == "skip":
+                    continue
+            clip, audio = (m.as_posix() if m is not None and m.is_file() else "" for m in media)
+            dialogues.setdefault(did, []).append(
+                (
+                    Utterance(
+                        utterance_id=uid,
+                        split=split,
+                        dialogue_id=did,
+                        utterance_index=index,
+                        speaker=_cell(rec, "speaker"),
+                        text=normalise_text(_cell(rec, "text")),
+                        emotion=emotion,
+                        sentiment=_cell(rec, "sentiment").lower(),
+                        clip=clip,
+                        audio_clip=audio,
+                        start=start,
+                        end=end,
+                    ),
+                    where,
+                )
             )
-        seen_at[did, index] = where
-        start, end = _seconds(rec, "start", where), _seconds(rec, "end", where)
-        if (start is not None and start < 0) or (end is not None and end <= (start or 0)):
-            raise DatasetError(
-                f"{where}: start/end must satisfy 0 <= start < end (seconds), got start={start}, "
-                f"end={end}; fix the cells or leave them empty (whole file)"
-            )
-        emotion = _cell(rec, "emotion").lower()
-        emotions.add(emotion)
-        split_reports[split]["rows"] += 1
-        media = [_manifest_media(path.parent, _cell(rec, key)) for key in ("media", "audio")]
-        if any(m is not None and not m.is_file() for m in media):
-            split_reports[split]["missing_clips"].append(uid)
-            if data.missing_clip == "skip":
-                continue
-        clip, audio = (m.as_posix() if m is not None and m.is_file() else "" for m in media)
-        dialogues.setdefault(did, []).append(
-            (
-                Utterance(
-                    utterance_id=uid,
-                    split=split,
-                    dialogue_id=did,
-                    utterance_index=index,
-                    speaker=_cell(rec, "speaker"),
-                    text=normalise_text(_cell(rec, "text")),
-                    emotion=emotion,
-                    sentiment=_cell(rec, "sentiment").lower(),
-                    clip=clip,
-                    audio_clip=audio,
-                    start=start,
-                    end=end,
-                ),
-                where,
-            )
-        )
+        except DatasetError as err:
+            errors.add(err)
     for utterances in dialogues.values():
         rows += sorted(utterances, key=lambda r: r[0].utterance_index)
-    report = {"manifest": path.as_posix(), "rows": len(records), "repaired_bytes": repaired}
+    if own:
+        errors.check()
+    report = {
+        "manifest": path.as_posix(),
+        "rows": len(records),
+        "cp1252_repaired": repairs,
+        "dangling_symlinks": dangling,
+    }
     return RawDataset(rows, sorted(emotions - {""}), list(SENTIMENTS), report, split_reports)
 
 
@@ -402,38 +553,47 @@ _IEMOCAP_LABELS = _IEMOCAP_EMOTIONS + ["xxx", "oth", "sur", "fea", "dis"]  # the
 _EVALUATION_LINE = re.compile(r"^\s*\[\s*(\d+(?:\.\d*)?)\s*-\s*(\d+(?:\.\d*)?)\s*\]\s+(\S+)\s+(\S+)")
 _TRANSCRIPT_LINE = re.compile(r"^\s*(\S+_[FM]\d+)\s*\[[\d.\s-]+\]\s*:(.*)$")
 _MANIFEST_REQUIRED = ("dialogue_id", "utterance_id", "speaker", "text", "emotion", "split")
+_MANIFEST_OPTIONAL = ("sentiment", "utterance_index", "media", "audio", "start", "end")
 
 
-def _iemocap_evaluation(path: Path) -> list[tuple[str, float, float, str, str]]:
-    """The summary lines of an EmoEvaluation file: ``(name, start, end, label, where)`` in file order."""
+def _iemocap_evaluation(path: Path, errors: RowErrors) -> list[tuple[str, float, float, str, str]]:
+    """The summary lines of an EmoEvaluation file: ``(name, start, end, label, where)`` in file order;
+    a line with a label code that is not IEMOCAP's goes to ``errors``."""
     entries = []
-    for n, line in enumerate(read_text(path)[0].splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         match = _EVALUATION_LINE.match(line)
         if match:
             start, end, name, label = match.groups()
             if label.lower() not in _IEMOCAP_LABELS:
-                raise DatasetError(
+                errors.add(
                     f"{path}, line {n}: unknown IEMOCAP label {label!r} for {name}; expected one "
                     f"of {_IEMOCAP_LABELS} (is this an EmoEvaluation file of the full release?)"
                 )
+                continue
             entries.append((name, float(start), float(end), label.lower(), f"{path}, line {n}"))
     return entries
 
 
 def _iemocap_transcription(path: Path, report: dict) -> dict[str, str]:
-    """Utterance name -> text of a transcription file; counts unmatched lines and a missing file in ``report``."""
+    """Utterance name -> text of a transcription file; counts unmatched lines and a missing file in
+    ``report``, and lists the lines whose cp1252 was repaired."""
     if not path.is_file():
         report["missing_transcriptions"].append(path.stem)
         return {}
-    text, repaired = read_text(path)
-    report["repaired_bytes"] += repaired
     texts = {}
-    for line in filter(str.strip, text.splitlines()):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        line, repaired = repair_text(line)
         match = _TRANSCRIPT_LINE.match(line)
         if match:
             texts[match[1]] = normalise_text(match[2])
         else:
             report["unmatched_transcript_lines"] += 1
+        if repaired:
+            report["cp1252_repaired"].append(
+                {"row": f"{path}, line {n}", "utterance_id": match[1] if match else None, "characters": repaired}
+            )
     return texts
 
 
@@ -471,18 +631,44 @@ def _manifest_file(path: Path) -> Path:
     return path
 
 
-def _manifest_records(path: Path, required: list[str]) -> tuple[list[tuple[str, dict]], set[str], int]:
-    """``(where, record)`` per row of a CSV or JSONL manifest, the columns present and the repaired bytes."""
-    text, repaired = read_text(path)
+def _unknown_columns(names, where: str) -> str | None:
+    """The message for manifest columns/keys that are not known (None when all are), with the nearest
+    known name for each."""
+    known = _MANIFEST_REQUIRED + _MANIFEST_OPTIONAL
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return None
+    hints = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hints.append(f"{name!r} (did you mean {near[0]!r}?)" if near else repr(name))
+    return (
+        f"{where}: unknown column(s) {', '.join(hints)}; a manifest has {list(_MANIFEST_REQUIRED)} and "
+        f"optionally {list(_MANIFEST_OPTIONAL)}. Rename or remove them"
+    )
+
+
+def _manifest_records(path: Path, required: list[str], errors: RowErrors) -> tuple[list[tuple[str, dict]], set[str]]:
+    """``(where, record)`` per row of a CSV or JSONL manifest, and the columns present; bad JSONL lines
+    go to ``errors``.
+
+    Raises:
+        DatasetError: a CSV header with a missing or unknown column; a manifest without rows.
+    """
+    text = read_text(path)
     if path.suffix.lower() == ".csv":
+        allow_long_fields()
         reader = csv.DictReader(io.StringIO(text, newline=""))
         reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+        where = f"{path}, row 0 (header)"
         missing = [c for c in required if c not in reader.fieldnames]
         if missing:
             raise DatasetError(
-                f"{path}, row 0 (header): missing column(s) {missing}; found {reader.fieldnames}. "
-                f"Add them (required: {required})"
+                f"{where}: missing column(s) {missing}; found {reader.fieldnames}. Add them (required: {required})"
             )
+        unknown = _unknown_columns(reader.fieldnames, where)
+        if unknown:
+            raise DatasetError(unknown)
         records = [(f"{path}, row {i} (line {reader.line_num})", rec) for i, rec in enumerate(reader, start=1)]
         columns = set(reader.fieldnames)
     else:
@@ -494,19 +680,21 @@ def _manifest_records(path: Path, required: list[str]) -> tuple[list[tuple[str, 
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: invalid JSON ({err.msg}); write one JSON object per line") from None
+                errors.add(f"{where}: invalid JSON ({err.msg}); write one JSON object per line")
+                continue
             if not isinstance(rec, dict):
-                raise DatasetError(
-                    f"{where}: expected a JSON object, got {type(rec).__name__}; write one object per line"
-                )
+                errors.add(f"{where}: expected a JSON object, got {type(rec).__name__}; write one object per line")
+                continue
             missing = [c for c in required if c not in rec]
-            if missing:
-                raise DatasetError(f"{where}: missing key(s) {missing}; every object needs {required}")
+            unknown = _unknown_columns(rec, where)
+            if missing or unknown:
+                errors.add(unknown or f"{where}: missing key(s) {missing}; every object needs {required}")
+                continue
             records.append((where, rec))
             columns |= rec.keys()
-    if not records:
+    if not records and not errors:
         raise DatasetError(f"{path}: no utterances; add one row per utterance")
-    return records, columns, repaired
+    return records, columns
 
 
 def _cell(rec: dict, key: str) -> str:

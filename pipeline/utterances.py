@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from pipeline.atomic import atomic_path
 
 UTTERANCES_FILE = "utterances.csv"
 LABELS_FILE = "labels.json"
+
+
+def allow_long_fields() -> None:
+    """Let Python's csv module read cells of any length.
+
+    Its default limit, 131,072 characters per cell, stops a reader with ``_csv.Error: field larger
+    than field limit`` on one long transcript cell; every CSV reader of the pipeline calls this first
+    (the limit is process-wide; raising it changes nothing else).
+    """
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ def load_utterances(path: str | Path) -> list[Utterance]:
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: utterance table not found; run the prepare stage (`dvc repro prepare`)")
+    allow_long_fields()
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [fl.name for fl in fields(Utterance) if fl.name not in (reader.fieldnames or [])]

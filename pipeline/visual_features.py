@@ -3,22 +3,25 @@
 1. Frames: OpenCV, ``visual.fps`` frames per second of the utterance's segment, at most
    ``visual.max_frames`` (spread evenly over longer segments), each downscaled to at most
    ``visual.max_frame_side`` pixels on its longer side as it is decoded (:func:`pipeline.media.sample_frames`).
-2. Detection: facenet-pytorch MTCNN (Zhang et al. 2016) on batches of ``visual.batch_frames`` frames;
-   faces below ``visual.min_face_prob`` are ignored.
+2. Detection: facenet-pytorch MTCNN (Zhang et al. 2016) on batches of ``visual.batch_frames`` frames
+   taken across ``visual.clips_per_batch`` consecutive clips (:func:`detection_plan` fixes the groups
+   from the utterance table, so a resumed run batches as an uninterrupted one); faces below
+   ``visual.min_face_prob`` are ignored.
 3. One face track per utterance (:func:`face_track`): the speaker's face starts the track, chosen
    by ``visual.face_select`` (the largest, the most confident or the most central detection of the
    clip); every other frame keeps the face nearest to the track's previous box. IEMOCAP's split-screen
    videos and MELD's group shots hold several faces; the largest is usually the speaker in MELD.
-4. Embedding: the tracked crops (160x160) through InceptionResnetV1 (Schroff et al. 2015, FaceNet;
-   weights ``visual.face_weights``), 512-d, averaged over the frames of the track.
+4. Embedding: the tracked crops (160x160) of the group's clips through InceptionResnetV1 (Schroff et
+   al. 2015, FaceNet; weights ``visual.face_weights``) in batches of ``batch_frames``, 512-d, averaged
+   over the frames of each clip's track.
 
 Masked utterances (reason code): no media (``missing_clip``), an audio-only file (``no_video``), no
 face in any sampled frame (``no_face``), a clip that does not decode (``corrupt``, ``truncated``,
 ``decode_error``: see :mod:`pipeline.media`). The report keeps per-clip frame and per-frame face
 counts as diagnostics; the log gives the time spent decoding (in a background thread, overlapped with
 detection: :func:`pipeline.media.decode_ahead`), detecting and embedding (frames/s). Resumable through
-:class:`pipeline.extraction_cache.ExtractionCache`. Every ``TRIM_EVERY`` clips the C heap's free pages
-go back to the system (:func:`pipeline.media.trim_heap`): memory stays flat.
+:class:`pipeline.extraction_cache.ExtractionCache`. Every ``TRIM_EVERY`` clips (in whole groups) the C
+heap's free pages go back to the system (:func:`pipeline.media.trim_heap`): memory stays flat.
 
 Output: ``<features dir>/visual.safetensors`` and ``visual_report.json``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +114,105 @@ def _as_list(batch_out, n: int) -> list:
     )
 
 
+def detection_plan(n_rows: int, pending: dict[int, str], clips_per_batch: int) -> list[list[tuple[int, str | None]]]:
+    """The groups of clips whose frames go through face detection together, fixed before any decoding.
+
+    Group ``g`` holds rows ``g * clips_per_batch`` to ``(g + 1) * clips_per_batch - 1`` of the utterance
+    table, whatever is cached: MTCNN's boxes depend (by about 1e-5 pixel on the CPU) on which frames
+    share its batch, so a group with one pending row is detected whole again, the cached rows along as
+    context, and a resumed run batches every frame exactly as an uninterrupted one.
+
+    Args:
+        n_rows: utterances in the table.
+        pending: ``{row: input signature}`` of the rows still to extract.
+        clips_per_batch: rows per group (``visual.clips_per_batch``).
+
+    Returns:
+        per group with a pending row, ``(row, signature or None)`` in row order; None marks a cached
+        row that is decoded and detected as context only (its cached result is kept).
+
+    Raises:
+        ValueError: ``clips_per_batch`` below 1.
+    """
+    if clips_per_batch < 1:
+        raise ValueError(f"clips_per_batch must be at least 1, got {clips_per_batch}")
+    groups = sorted({row // clips_per_batch for row in pending})
+    return [
+        [(row, pending.get(row)) for row in range(g * clips_per_batch, min((g + 1) * clips_per_batch, n_rows))]
+        for g in groups
+    ]
+
+
 @torch.inference_mode()
+def embed_clips(
+    clips: list[list[np.ndarray]],
+    mtcnn,
+    embedder: torch.nn.Module,
+    settings: VisualParams,
+    device: torch.device,
+    timings: dict | None = None,
+) -> list[tuple[torch.Tensor | None, dict]]:
+    """Detect faces on batches of frames across clips, track each clip's speaker, embed and average.
+
+    Detection: the frames of all ``clips``, grouped by frame size (an MTCNN batch needs equal sizes;
+    sizes in order of first appearance, frames in clip order), in batches of ``visual.batch_frames``.
+    Tracking is per clip (:func:`face_track`); the tracked 160x160 crops of all clips are embedded in
+    batches of ``batch_frames`` and averaged per clip.
+
+    Args:
+        clips: per clip, its RGB ``[H, W, 3]`` uint8 frames (sizes may differ between clips; a clip
+            may have no frame).
+        timings: if given, ``detect_seconds`` and ``embed_seconds`` are added to it.
+
+    Returns:
+        per clip: (mean embedding ``[512]`` over its tracked frames, or None when no frame has a usable
+        face; diagnostics: ``frames``, ``faces_per_frame`` (detections at or above ``min_face_prob``),
+        ``frames_tracked``).
+    """
+    t0 = time.perf_counter()
+    boxes = [[None] * len(frames) for frames in clips]
+    probs = [[None] * len(frames) for frames in clips]
+    by_size: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for c, frames in enumerate(clips):
+        for f, frame in enumerate(frames):
+            by_size.setdefault(frame.shape, []).append((c, f))
+    for members in by_size.values():
+        for s in range(0, len(members), settings.batch_frames):
+            chunk = members[s : s + settings.batch_frames]
+            b, p = mtcnn.detect([clips[c][f] for c, f in chunk])
+            for (c, f), box, prob in zip(chunk, _as_list(b, len(chunk)), _as_list(p, len(chunk))):
+                boxes[c][f], probs[c][f] = box, prob
+    crops, kept_counts, diagnostics = [], [], []
+    for c, frames in enumerate(clips):
+        kept = []
+        if frames:
+            height, width = frames[0].shape[:2]
+            track = face_track(boxes[c], probs[c], (width, height), settings.face_select, settings.min_face_prob)
+            kept = [f for f, k in enumerate(track) if k is not None]
+        if kept:
+            crops += list(mtcnn.extract([frames[f] for f in kept], [boxes[c][f][[track[f]]] for f in kept], None))
+        kept_counts.append(len(kept))
+        faces = [
+            0 if p is None else int(sum(x is not None and x >= settings.min_face_prob for x in p)) for p in probs[c]
+        ]
+        diagnostics.append({"frames": len(frames), "faces_per_frame": faces, "frames_tracked": len(kept)})
+    t1 = time.perf_counter()
+    embeddings: list[torch.Tensor] = []
+    if crops:
+        crops = torch.cat(crops)  # [frames tracked in all clips, 3, 160, 160]
+        per_crop = torch.cat(
+            [
+                embedder(crops[s : s + settings.batch_frames].to(device, non_blocking=True)).float().cpu()
+                for s in range(0, len(crops), settings.batch_frames)
+            ]
+        )  # [frames tracked in all clips, 512]
+        embeddings = list(per_crop.split(kept_counts))
+    if timings is not None:
+        timings["detect_seconds"] = timings.get("detect_seconds", 0.0) + t1 - t0
+        timings["embed_seconds"] = timings.get("embed_seconds", 0.0) + time.perf_counter() - t1
+    return [(embeddings[c].mean(0) if kept_counts[c] else None, diagnostics[c]) for c in range(len(clips))]
+
+
 def embed_faces(
     frames: list[np.ndarray],
     mtcnn,
@@ -119,43 +221,8 @@ def embed_faces(
     device: torch.device,
     timings: dict | None = None,
 ) -> tuple[torch.Tensor | None, dict]:
-    """Detect faces, track the speaker's face, embed and average it over frames.
-
-    Args:
-        frames: RGB ``[H, W, 3]`` uint8 arrays of one clip (all the same size).
-        timings: if given, ``detect_seconds`` and ``embed_seconds`` are added to it.
-
-    Returns:
-        (mean embedding ``[512]`` over the tracked frames, or None when no frame has a usable face;
-        diagnostics: ``frames``, ``faces_per_frame`` (detections at or above ``min_face_prob``),
-        ``frames_tracked``).
-    """
-    t0 = time.perf_counter()
-    boxes, probs = [], []
-    for s in range(0, len(frames), settings.batch_frames):
-        batch = frames[s : s + settings.batch_frames]
-        b, p = mtcnn.detect(batch)
-        boxes += _as_list(b, len(batch))
-        probs += _as_list(p, len(batch))
-    height, width = frames[0].shape[:2]
-    track = face_track(boxes, probs, (width, height), settings.face_select, settings.min_face_prob)
-    kept = [f for f, k in enumerate(track) if k is not None]
-    crops = mtcnn.extract([frames[f] for f in kept], [boxes[f][[track[f]]] for f in kept], None) if kept else []
-    t1 = time.perf_counter()
-    embedding = None
-    if kept:
-        crops = torch.cat(list(crops))  # [frames_tracked, 3, 160, 160]
-        embedding = torch.cat(
-            [
-                embedder(crops[s : s + settings.batch_frames].to(device)).float().cpu()
-                for s in range(0, len(crops), settings.batch_frames)
-            ]
-        ).mean(0)
-    if timings is not None:
-        timings["detect_seconds"] = timings.get("detect_seconds", 0.0) + t1 - t0
-        timings["embed_seconds"] = timings.get("embed_seconds", 0.0) + time.perf_counter() - t1
-    faces = [0 if p is None else int(sum(x is not None and x >= settings.min_face_prob for x in p)) for p in probs]
-    return embedding, {"frames": len(frames), "faces_per_frame": faces, "frames_tracked": len(kept)}
+    """:func:`embed_clips` for one clip: (mean embedding ``[512]`` or None, diagnostics)."""
+    return embed_clips([frames], mtcnn, embedder, settings, device, timings)[0]
 
 
 def extract(utterances: list[Utterance], params: Params, features_dir: Path, cache_root: Path = CACHE_DIR) -> dict:
@@ -191,29 +258,41 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
             finally:
                 timings["decode_seconds"] += time.perf_counter() - t0
 
-        todo = cache.pending_media(utterances, "clip")
-        decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
-        for done, ((row, signature), frames) in enumerate(
-            tqdm(decoded, total=len(todo), desc="extract_visual", unit="utt"), start=1
-        ):
-            utt = utterances[row]
-            if done % TRIM_EVERY == 0:
+        pending = dict(cache.pending_media(utterances, "clip"))
+        plan = [
+            [item for item in group if utterances[item[0]].clip]  # a row without a clip was recorded by pending
+            for group in detection_plan(len(utterances), pending, settings.clips_per_batch)
+        ]
+        decoded = decode_ahead([item for group in plan for item in group], decode, decode_depth(device, DECODE_AHEAD))
+        progress = tqdm(total=len(pending), desc="extract_visual", unit="utt")
+        for g, group in enumerate(plan):
+            if g % max(1, TRIM_EVERY // settings.clips_per_batch) == 0:
                 trim_heap()
-            if isinstance(frames, MediaError):
-                cache.put(utt.utterance_id, signature, None, frames.reason)
-                log.warning("%s (%s): %s; visual masked", utt.utterance_id, frames.reason, frames)
-                continue
-            embedding, diagnostics = embed_faces(frames, mtcnn, embedder, settings, device, timings)
-            frames_seen += diagnostics["frames"]
-            frames_tracked += diagnostics["frames_tracked"]
-            if embedding is None:
-                log.warning(
-                    "%s (no_face): no face in %d sampled frames of %s; visual masked",
-                    utt.utterance_id,
-                    len(frames),
-                    utt.clip,
-                )
-            cache.put(utt.utterance_id, signature, embedding, "ok" if embedding is not None else "no_face", diagnostics)
+            results = list(islice(decoded, len(group)))  # [((row, signature or None), frames | MediaError)]
+            clips = [[] if isinstance(frames, MediaError) else frames for _, frames in results]
+            for ((row, signature), frames), (embedding, diagnostics) in zip(
+                results, embed_clips(clips, mtcnn, embedder, settings, device, timings)
+            ):
+                if signature is None:  # a cached row, detected again as context only
+                    continue
+                utt = utterances[row]
+                progress.update()
+                if isinstance(frames, MediaError):
+                    cache.put(utt.utterance_id, signature, None, frames.reason)
+                    log.warning("%s (%s): %s; visual masked", utt.utterance_id, frames.reason, frames)
+                    continue
+                frames_seen += diagnostics["frames"]
+                frames_tracked += diagnostics["frames_tracked"]
+                if embedding is None:
+                    log.warning(
+                        "%s (no_face): no face in %d sampled frames of %s; visual masked",
+                        utt.utterance_id,
+                        len(frames),
+                        utt.clip,
+                    )
+                reason = "ok" if embedding is not None else "no_face"
+                cache.put(utt.utterance_id, signature, embedding, reason, diagnostics)
+        progress.close()
         table, per_clip = cache.table([u.utterance_id for u in utterances], info)
     rates = {
         "detect_frames_per_second": round(frames_seen / timings["detect_seconds"], 2)

@@ -410,7 +410,8 @@ def test_text_only_manifest_positions_and_cp1252(tmp_path: Path):
     ]
     assert {(u.clip, u.audio_clip, u.start, u.end) for u in utts(ds)} == {("", "", None, None)}
     assert all(r["missing_clips"] == [] for r in ds.split_reports.values())
-    assert ds.report["repaired_bytes"] == 1 and ds.emotions == ["neutral", "sadness"]
+    assert ds.report["cp1252_repaired"] == [{"row": f"{path}, row 1 (line 2)", "utterance_id": "1", "characters": 1}]
+    assert ds.emotions == ["neutral", "sadness"]
 
 
 @pytest.mark.parametrize("policy", ["text_only", "skip"])
@@ -543,7 +544,7 @@ def test_manifest_through_prepare_derives_sentiment_or_asks_for_a_map(tmp_path: 
         ("neutral", "neutral"),
     ]
     assert labels == {"emotions": ["anger", "joy", "neutral"], "sentiments": ["negative", "neutral", "positive"]}
-    assert report["sentiment_derived"] == 3
+    assert report["sentiment_derived"] == [u.utterance_id for u in utterances]
 
     path = write_csv(tmp_path / "s.csv", rows + [base_row(utterance_id="d", emotion="surprise")])
     params = parse_params({"data": {"layout": "manifest", "root": str(path)}})

@@ -318,7 +318,8 @@ def test_visual_stage_killed_with_sigkill_resumes(
     # A row written by the killed process equals the same utterance computed here.
     mtcnn, embedder, _ = cached_face_models
     settings = load_params("params.yaml").visual
-    embedding, _ = visual_features.embed_faces(sample_frames(clips[0], 2.0, 1), mtcnn, embedder, settings, CPU)
+    group = [sample_frames(clip, 2.0, 1) for clip in clips[: settings.clips_per_batch]]  # detected together
+    embedding, _ = visual_features.embed_clips(group, mtcnn, embedder, settings, CPU)[0]
     assert table.reasons[0] == "ok" and torch.allclose(table.features[0], embedding, atol=1e-5)
 
 
@@ -994,3 +995,93 @@ def test_audio_memory_does_not_grow_with_the_corpus(tmp_path: Path, media: dict[
     leaking = growth(200, "control")
     assert leaking > large + 100, (large, leaking)
     kept.clear()
+
+
+# --- face detection across clips -----------------------------------------------------------------------------
+
+
+def test_detection_plan_groups_rows_of_the_table_whatever_is_cached():
+    pending = {1: "s1", 5: "s5", 6: "s6"}
+    assert visual_features.detection_plan(8, pending, 3) == [
+        [(0, None), (1, "s1"), (2, None)],
+        [(3, None), (4, None), (5, "s5")],
+        [(6, "s6"), (7, None)],
+    ]
+    # Everything pending: consecutive groups, the last one short; nothing pending: no group.
+    assert [len(g) for g in visual_features.detection_plan(7, dict.fromkeys(range(7), "s"), 3)] == [3, 3, 1]
+    assert visual_features.detection_plan(7, {}, 3) == []
+    with pytest.raises(ValueError, match="clips_per_batch"):
+        visual_features.detection_plan(7, pending, 0)
+
+
+def test_embed_clips_batches_frames_of_several_clips_and_sizes(face_models, demo_root: Path):
+    import cv2
+
+    face = sample_frames(demo_root / "train_splits" / "dia0_utt0.mp4", 2.0, 1)[0]
+    blank = sample_frames(demo_root / "output_repeated_splits_test" / "dia1_utt2.mp4", 2.0, 1)[0]
+    small = cv2.resize(face, (face.shape[1] * 3 // 4, face.shape[0] * 3 // 4))  # another frame size
+    clips = [[face, blank], [blank], [small, small], [], [face]]
+    mtcnn, embedder, _ = face_models
+    settings = parse_params({"visual": {"face_weights": "random", "batch_frames": 4}}).visual
+    calls = []
+
+    def counting_detect(frames):
+        calls.append({f.shape for f in frames})
+        return real_detect(frames)
+
+    real_detect, mtcnn.detect = mtcnn.detect, counting_detect
+    try:
+        together = visual_features.embed_clips(clips, mtcnn, embedder, settings, CPU)
+        alone = [visual_features.embed_faces(frames, mtcnn, embedder, settings, CPU) for frames in clips if frames]
+    finally:
+        mtcnn.detect = real_detect
+    # One MTCNN batch per frame size for the five clips (4 full-size frames, 2 small), one size per batch.
+    assert len(calls[0]) == 1 and len(calls[1]) == 1 and calls[0] != calls[1]
+    assert [d["frames_tracked"] for _, d in together] == [1, 0, 2, 0, 1]
+    assert together[1][0] is None and together[3] == (None, {"frames": 0, "faces_per_frame": [], "frames_tracked": 0})
+    for (emb, diag), (emb_alone, diag_alone) in zip([together[i] for i in (0, 1, 2, 4)], alone):
+        assert diag == diag_alone
+        assert (emb is None) == (emb_alone is None)
+        if emb is not None:
+            assert emb.shape == (512,) and torch.allclose(emb, emb_alone, atol=1e-4)
+    assert torch.equal(together[0][0], together[4][0])  # the same face in the same batch
+
+
+def test_interrupted_visual_extraction_resumes_with_the_same_batches(
+    tmp_path: Path, demo_root: Path, cached_face_models, monkeypatch
+):
+    clips = sorted((demo_root / "train_splits").glob("*.mp4"))[:8]
+    utterances = [
+        Utterance(f"train/dia{i}_utt0", "train", f"train/{i}", 0, "A", "x", "neutral", "neutral", str(c))
+        for i, c in enumerate(clips)
+    ]
+    params = parse_params({"visual": {"face_weights": "random", "max_frames": 2, "clips_per_batch": 3}})
+    groups: list[int] = []
+    real_embed_clips = visual_features.embed_clips
+
+    def spy(clips, *args, **kwargs):
+        groups.append(len(clips))
+        return real_embed_clips(clips, *args, **kwargs)
+
+    monkeypatch.setattr(visual_features, "embed_clips", spy)
+    visual_features.extract(utterances, params, tmp_path / "whole", tmp_path / "whole_cache")
+    assert groups == [3, 3, 2]
+
+    real_put, puts = ExtractionCache.put, []
+
+    def put_then_die(self, *args, **kwargs):
+        real_put(self, *args, **kwargs)
+        puts.append(args[0])
+        if len(puts) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ExtractionCache, "put", put_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        visual_features.extract(utterances, params, tmp_path / "resumed", tmp_path / "cache")
+    monkeypatch.setattr(ExtractionCache, "put", real_put)
+    groups.clear()
+    report = visual_features.extract(utterances, params, tmp_path / "resumed", tmp_path / "cache")
+    # Rows 0-4 were cached; row 5's group (rows 3-5) is detected whole again, rows 6-7 as before.
+    assert report["run"]["resumed_from_cache"] == 5 and groups == [3, 2]
+    whole = (tmp_path / "whole" / "visual.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "visual.safetensors").read_bytes() == whole

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -98,8 +99,9 @@ def test_cp1252_bytes_in_utf8_text_are_decoded_and_counted(tmp_path: Path):
     table = by_id(utterances)
     assert table["train/dia0_utt0"].text == "I don’t know… really – no."
     assert table["train/dia0_utt1"].text == "It’s real UTF-8 — fine."
-    assert report["splits"]["train"]["repaired_bytes"] == 3
-    assert report["splits"]["dev"]["repaired_bytes"] == 0
+    assert report["cp1252_repaired"] == [
+        {"row": f"{root / 'train_sent_emo.csv'}, row 1 (line 2)", "utterance_id": "train/dia0_utt0", "characters": 3}
+    ]
 
 
 def test_utf8_bom_is_ignored(tmp_path: Path):
@@ -171,11 +173,27 @@ def test_non_integer_ids_are_rejected(tmp_path: Path):
         prep.prepare(params_for(root))
 
 
-def test_missing_split_file_and_missing_root(tmp_path: Path):
-    root = write_meld(tmp_path / "meld")
+def test_partial_release_is_read_and_its_gaps_explained(tmp_path: Path, caplog):
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0)], "dev": [row(0, 0)], "test": []})
     (root / "dev_sent_emo.csv").unlink()
-    with pytest.raises(DatasetError, match="dev_sent_emo.csv: not found"):
+    caplog.set_level(logging.WARNING, logger="pipeline.prepare")
+    utterances, _, report = prep.prepare(params_for(root))
+    assert [u.utterance_id for u in utterances] == ["train/dia0_utt0"]
+    assert report["missing_splits"] == {"dev": (root / "dev_sent_emo.csv").as_posix()}
+    assert report["splits"]["test"]["rows"] == 0 and "rows" not in report["splits"]["dev"]
+    prep.log_policies(report, params_for(root), tmp_path / "report.json")
+    dev, test = (
+        next(r.message for r in caplog.records if r.message.startswith(s)) for s in ("dev split", "test split")
+    )
+    assert "dev_sent_emo.csv not found" in dev and "`train` cannot run" in dev and "`evaluate`" in dev
+    assert "has no rows" in test and "`evaluate` has nothing to score" in test
+    for name in ("train_sent_emo.csv", "test_sent_emo.csv"):
+        (root / name).unlink()
+    with pytest.raises(DatasetError, match="none of MELD's train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv"):
         prep.prepare(params_for(root))
+
+
+def test_missing_root(tmp_path: Path):
     with pytest.raises(DatasetError, match="does not exist"):
         prep.prepare(params_for(tmp_path / "nowhere"))
     (tmp_path / "file.csv").write_text("x")
@@ -266,7 +284,7 @@ def test_bundled_demo_release(demo_root: Path):
     assert table["train/dia2_utt1"].clip == ""
     assert Path(table["train/dia5_utt0"].clip).is_file() and Path(table["test/dia1_utt2"].clip).is_file()
     assert all(Path(u.clip).is_file() for u in utterances if u.clip)
-    assert report["empty_text"] == [] and all(s["repaired_bytes"] == 0 for s in report["splits"].values())
+    assert report["empty_text"] == [] and report["cp1252_repaired"] == []
 
 
 # --- real MELD text and labels (../shared), skipped when absent -------------------------------------------
@@ -313,7 +331,7 @@ def test_real_meld_structure(meld_prepared):
     assert all(u.clip == "" for u in utterances)
     assert sum(len(s["missing_clips"]) for s in report["splits"].values()) == 13708
     # Typographic characters are real UTF-8 there: nothing repaired, no replacement characters.
-    assert all(s["repaired_bytes"] == 0 for s in report["splits"].values())
+    assert report["cp1252_repaired"] == []
     assert not any("\ufffd" in u.text or "\x92" in u.text for u in utterances)
     assert sum("’" in u.text for u in utterances) > 1000
     first = utterances[0]
@@ -343,6 +361,107 @@ def test_real_meld_resaved_with_cp1252_apostrophes_gives_the_same_text(meld_dir:
     assert replaced > 100
     (copy / "dev_sent_emo.csv").write_bytes(dev.replace(apostrophe, b"\x92"))
     utterances, _, report = prep.prepare(params_for(copy))
-    assert report["splits"]["dev"]["repaired_bytes"] == replaced
+    assert sum(r["characters"] for r in report["cp1252_repaired"]) == replaced
+    assert {r["row"].split(",")[0] for r in report["cp1252_repaired"]} == {str(copy / "dev_sent_emo.csv")}
     original = [(u.utterance_id, u.text) for u in meld_prepared[0]]
     assert [(u.utterance_id, u.text) for u in utterances] == original
+
+
+# --- bad input, second pass -----------------------------------------------------------------------------------
+
+
+def test_a_cell_longer_than_the_csv_module_limit_is_read(tmp_path: Path, stage_dir: Path):
+    long_text = "word " * 40_000  # 200,000 characters: past csv's default 131,072 limit
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0, long_text), row(0, 1, "Short.")]})
+    utterances, _, _ = prep.prepare(params_for(root))
+    assert len(by_id(utterances)["train/dia0_utt0"].text) == len(long_text.strip())
+    # Written and read back by the next stages.
+    prep.run(params_for(root), PREPARED)
+    assert load_utterances(UTTERANCES)[0].text == by_id(utterances)["train/dia0_utt0"].text
+
+
+def test_every_bad_row_is_listed_in_one_run(tmp_path: Path):
+    rows = [row(0, 0), row(0, 1, emotion="excited"), row(0, 0), row(1, 0, emotion="bored"), row(2, 0)]
+    rows[4]["Dialogue_ID"] = "2x"
+    root = write_meld(tmp_path / "meld", {"train": rows})
+    with pytest.raises(DatasetError) as err:
+        prep.prepare(params_for(root))
+    message = str(err.value)
+    assert message.startswith("4 bad rows; fix them all, then rerun:")
+    for expected in ("row 3 (line 4): duplicate utterance", "row 5 (line 6): Dialogue_ID", "'excited'", "'bored'"):
+        assert expected in message
+    # Past the cap, the rest is counted.
+    many = [row(0, u, emotion="excited") for u in range(60)]
+    root = write_meld(tmp_path / "many", {"train": many})
+    with pytest.raises(DatasetError, match=r"60 bad rows(.|\n)*\.\.\. and 10 more") as err:
+        prep.prepare(params_for(root))
+    assert str(err.value).count("unknown emotion") == 50
+
+
+def test_c1_control_characters_become_the_cp1252_characters_they_stand_for(tmp_path: Path, caplog):
+    # U+0092 is a cp1252 apostrophe mis-decoded as Latin-1 upstream; U+0085 an ellipsis; U+0081 is undefined.
+    root = write_meld(tmp_path / "meld", {"train": [row(0, 0, "I don\x92t know\x85 \x81ok"), row(0, 1)]})
+    utterances, _, report = prep.prepare(params_for(root))
+    assert by_id(utterances)["train/dia0_utt0"].text == "I don\u2019t know\u2026 ok"
+    where = f"{root / 'train_sent_emo.csv'}, row 1 (line 2)"
+    assert report["cp1252_repaired"] == [{"row": where, "utterance_id": "train/dia0_utt0", "characters": 3}]
+    caplog.set_level(logging.WARNING, logger="pipeline.prepare")
+    prep.log_policies(report, params_for(root), tmp_path / "report.json")
+    assert any("1 row(s) held cp1252" in r.message and where in r.message for r in caplog.records)
+
+
+def test_policies_name_the_rows_they_touched(tmp_path: Path, caplog):
+    rows = [row(0, 0), row(0, 1, emotion="excited"), row(0, 2)]
+    rows[2]["StartTime"], rows[2]["EndTime"] = "00:00:05,000", "00:00:04,500"
+    root = write_meld(tmp_path / "meld", {"train": rows}, missing={"train/dia0_utt0"})
+    (root / "train_splits" / "dia0_utt0.mp4").symlink_to(tmp_path / "gone.mp4")  # a link to nothing
+    utterances, _, report = prep.prepare(params_for(root, unknown_label="skip"))
+    csv_path = root / "train_sent_emo.csv"
+    assert report["dropped_rows"] == [
+        {"row": f"{csv_path}, row 2 (line 3)", "utterance_id": "train/dia0_utt1", "emotion": "excited"}
+    ]
+    assert report["end_before_start"] == [
+        {"row": f"{csv_path}, row 3 (line 4)", "utterance_id": "train/dia0_utt2", "start": 5.0, "end": 4.5}
+    ]
+    assert report["dangling_symlinks"] == [(root / "train_splits" / "dia0_utt0.mp4").as_posix()]
+    assert report["splits"]["train"]["missing_clips"] == ["train/dia0_utt0"]
+    assert by_id(utterances)["train/dia0_utt0"].clip == ""
+    caplog.set_level(logging.WARNING, logger="pipeline.prepare")
+    prep.log_policies(report, params_for(root), tmp_path / "report.json")
+    text = caplog.text
+    assert "left out 1 utterance(s) with labels outside" in text and "row 2 (line 3)" in text
+    assert "1 MELD row(s) have an EndTime before their StartTime" in text and "row 3 (line 4)" in text
+    assert "symbolic links to nothing" in text and "dia0_utt0.mp4" in text
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_an_unknown_manifest_column_names_the_nearest_known_one(tmp_path: Path, suffix: str):
+    from pipeline.datasets import read_manifest
+
+    record = {"dialogue_id": "d", "utterance_id": "u", "speaker": "S", "text": "t", "emotion": "joy"}
+    record |= {"split": "test", "media_path": "u.mp4"}
+    path = tmp_path / f"m.{suffix}"
+    if suffix == "csv":
+        path.write_text(",".join(record) + "\n" + ",".join(record.values()) + "\n", encoding="utf-8")
+        where = r"row 0 \(header\)"
+    else:
+        path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        where = "line 1"
+    with pytest.raises(DatasetError, match=rf"{where}: unknown column\(s\) 'media_path' \(did you mean 'media'\?\)"):
+        read_manifest(path, parse_params({}).data)
+
+
+def test_manifest_long_cell_c1_repair_and_dangling_link(tmp_path: Path):
+    from pipeline.datasets import read_manifest
+
+    (tmp_path / "clip.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    header = "dialogue_id,utterance_id,speaker,text,emotion,split,media\n"
+    text = "x" * 140_000 + " don\u0092t"
+    path = tmp_path / "m.csv"
+    path.write_text(header + f"d,u1,S,{text},joy,test,clip.mp4\n", encoding="utf-8")
+    ds = read_manifest(path, parse_params({}).data)
+    ((utterance, _),) = ds.rows
+    assert utterance.text.endswith(" don\u2019t") and len(utterance.text) == len(text)
+    assert ds.report["cp1252_repaired"] == [{"row": f"{path}, row 1 (line 2)", "utterance_id": "u1", "characters": 1}]
+    assert ds.report["dangling_symlinks"] == [(tmp_path / "clip.mp4").as_posix()]
+    assert ds.split_reports["test"]["missing_clips"] == ["u1"] and utterance.clip == ""
