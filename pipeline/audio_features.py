@@ -16,11 +16,13 @@ Backends (``audio.backend``):
 
 Masked utterances (reason code): no media (``missing_clip``), a file without an audio stream or an
 empty / too short segment (``no_audio``), a damaged file (``corrupt``), a file cut short
-(``truncated``), another decoding failure (``decode_error``): see :mod:`pipeline.media`. Each is
-listed in the report. Resumable through :class:`pipeline.extraction_cache.ExtractionCache`. Clips are
-decoded in a background thread a few utterances ahead of the encoder
-(:func:`pipeline.media.decode_ahead`), so decoding overlaps the model calls and memory does not grow
-with the corpus.
+(``truncated``, unless ``audio.on_truncated: use_partial`` encodes the part that decoded), another
+decoding failure (``decode_error``): see :mod:`pipeline.media`. Each is listed in the report, as are
+the utterances encoded from a partial decode (``partial``) and those whose segment end lay beyond
+their media and was clamped to its end (``segment_clamped``). Resumable through
+:class:`pipeline.extraction_cache.ExtractionCache`. Clips are decoded in a background thread a few
+utterances ahead of the encoder (:func:`pipeline.media.decode_ahead`), so decoding overlaps the model
+calls and memory does not grow with the corpus.
 
 Output: ``<features dir>/audio.safetensors`` and ``audio_report.json``.
 """
@@ -106,8 +108,14 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     wav2vec2-base) normalise over the padded batch, so their inputs are encoded one at a time
     (features must not depend on batch neighbours); layer-norm models are batched by ``audio.batch_size``.
 
+    A clip cut short is masked (``truncated``) or, with ``audio.on_truncated: use_partial``, encoded
+    from the part that decoded, with a warning naming the utterance and the decoded / declared seconds.
+
     Returns:
-        the stage report. Raises: OSError for a model that cannot be loaded.
+        the stage report, with ``chunked`` ``{utterance_id: chunks}`` (utterances encoded in more than
+        one chunk), ``partial`` ``{utterance_id: {"decoded": s, "declared": s}}`` and
+        ``segment_clamped`` ``{utterance_id: {"end": s, "media_end": s}}`` (see
+        :func:`pipeline.media.load_audio`). Raises: OSError for a model that cannot be loaded.
     """
     start = time.perf_counter()
     settings = params.audio
@@ -124,11 +132,11 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         min_samples = min_input_samples(model)
         batch_size = 1 if getattr(model.config, "feat_extract_norm", "layer") == "group" else settings.batch_size
     chunk_samples = int(settings.chunk_seconds * settings.sample_rate)
-    pending: list[tuple[int, str, list[torch.Tensor]]] = []  # (row, signature, chunks)
+    pending: list[tuple[int, str, list[torch.Tensor], dict]] = []  # (row, signature, chunks, decoding notes)
     seconds = 0.0
 
     def flush(cache: ExtractionCache) -> None:
-        chunks = [c for _, _, cs in pending for c in cs]
+        chunks = [c for _, _, cs, _ in pending for c in cs]
         sums, frames = [], []
         for s in range(0, len(chunks), batch_size):
             a, b = encode_waves(chunks[s : s + batch_size], extractor, model, settings, device)
@@ -136,26 +144,45 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
             frames.append(b)
         sums, frames = torch.cat(sums), torch.cat(frames)
         k = 0
-        for row, signature, cs in pending:
+        for row, signature, cs, notes in pending:
             vector = sums[k : k + len(cs)].sum(0) / frames[k : k + len(cs)].sum()
-            cache.put(utterances[row].utterance_id, signature, vector, diagnostics={"chunks": len(cs)})
+            cache.put(utterances[row].utterance_id, signature, vector, diagnostics={"chunks": len(cs), **notes})
             k += len(cs)
         pending.clear()
 
-    def decode(item: tuple[int, str]) -> torch.Tensor:
-        utt = utterances[item[0]]
-        return load_audio(utt.audio_source, settings.sample_rate, settings.max_seconds, utt.start, utt.end)
+    def decode(item: tuple[int, str]) -> tuple[torch.Tensor, dict]:
+        utt, notes = utterances[item[0]], {}
+        wave = load_audio(
+            utt.audio_source,
+            settings.sample_rate,
+            settings.max_seconds,
+            utt.start,
+            utt.end,
+            on_truncated=settings.on_truncated,
+            notes=notes,
+        )
+        return wave, notes
 
     with ExtractionCache(
         "audio", settings.model_dump(), info["hidden_size"], cache_root, weights_id=info["weights_id"]
     ) as cache:
         todo = cache.pending_media(utterances, "audio_source")
         decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
-        for (i, signature), wave in tqdm(decoded, total=len(todo), desc="extract_audio", unit="utt"):
+        for (i, signature), result in tqdm(decoded, total=len(todo), desc="extract_audio", unit="utt"):
             utt = utterances[i]
             try:
-                if isinstance(wave, MediaError):
-                    raise wave
+                if isinstance(result, MediaError):
+                    raise result
+                wave, notes = result
+                if "partial" in notes:
+                    log.warning(
+                        "%s: %s was cut short: %.2f s of audio decoded of the %.2f s its header declares "
+                        "for the utterance; encoding the part that decoded (audio.on_truncated=use_partial)",
+                        utt.utterance_id,
+                        utt.audio_source,
+                        notes["partial"]["decoded"],
+                        notes["partial"]["declared"],
+                    )
                 if settings.backend == "opensmile":
                     values = extractor.process_signal(wave.numpy(), settings.sample_rate).to_numpy()[0]
                     if not np.isfinite(values).all():
@@ -165,7 +192,9 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
                             f"{wave.numel() / settings.sample_rate:.3f} s "
                             "of audio is too short for openSMILE's functionals",
                         )
-                    cache.put(utt.utterance_id, signature, torch.from_numpy(values.astype(np.float32)))
+                    cache.put(
+                        utt.utterance_id, signature, torch.from_numpy(values.astype(np.float32)), diagnostics=notes
+                    )
                 elif wave.numel() < min_samples:
                     raise MediaError(
                         "no_audio",
@@ -174,13 +203,16 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
                     )
                 else:
                     chunks = [c for c in split_chunks(wave, chunk_samples) if c.numel() >= min_samples] or [wave]
-                    pending.append((i, signature, chunks))
+                    pending.append((i, signature, chunks, notes))
                 seconds += wave.numel() / settings.sample_rate
             except MediaError as err:
                 cache.put(utt.utterance_id, signature, None, err.reason)
-                log.warning("%s (%s): %s; audio masked", utt.utterance_id, err.reason, err)
+                hint = ""
+                if err.reason == "truncated" and settings.on_truncated == "mask":
+                    hint = " (audio.on_truncated: use_partial would encode the part that decodes)"
+                log.warning("%s (%s): %s; audio masked%s", utt.utterance_id, err.reason, err, hint)
                 continue
-            if settings.backend == "wav2vec2" and sum(len(c) for _, _, c in pending) >= batch_size:
+            if settings.backend == "wav2vec2" and sum(len(cs) for _, _, cs, _ in pending) >= batch_size:
                 flush(cache)
         if pending:
             flush(cache)
@@ -191,6 +223,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         table,
         features_dir,
         {"chunked": chunked},
+        named={key: {u: d[key] for u, d in diagnostics.items() if key in d} for key in ("partial", "segment_clamped")},
         run_facts={
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),

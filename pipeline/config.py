@@ -129,6 +129,11 @@ class AudioParams(_Section):
     max_seconds: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # A clip cut short (its audio decodes to far less than its header declares, for the clip or the
+    # utterance's segment; see pipeline.media.is_truncated): ``mask`` masks its audio (reason
+    # ``truncated``); ``use_partial`` encodes the part that decoded, logs a warning and lists the
+    # utterance under ``partial`` in audio_report.json. Part of the features' cache key.
+    on_truncated: Literal["mask", "use_partial"] = "mask"
     # The stage fails when more than this share of the utterances of data that has audio lost it
     # (missing, corrupt, truncated, silent clips): a broken decoder or a wrong folder, not bad clips.
     max_masked_share: float = Field(0.5, ge=0, le=1)
@@ -150,6 +155,12 @@ class VisualParams(_Section):
     # starts the track; the other frames follow it (nearest face to the previous one).
     face_select: Literal["largest", "confident", "central"] = "largest"
     batch_frames: int = Field(16, ge=1)
+    # Face detection batches frames across this many consecutive clips (a fixed plan: the same batches
+    # whatever is resumed; see pipeline.visual_features.detection_plan). Larger feeds a GPU better.
+    clips_per_batch: int = Field(4, ge=1)
+    # As audio.on_truncated, for the frames of a clip cut short: ``mask`` (reason ``truncated``) or
+    # ``use_partial`` (the frames that decoded; listed under ``partial`` in visual_report.json).
+    on_truncated: Literal["mask", "use_partial"] = "mask"
     # As audio.max_masked_share, for video (no face counts as lost; an audio-only file does not).
     max_masked_share: float = Field(0.5, ge=0, le=1)
 

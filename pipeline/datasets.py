@@ -616,9 +616,9 @@ def _manifest_file(path: Path) -> Path:
             raise DatasetError(
                 f"{path}: "
                 + (
-                    "holds both manifest.csv and manifest.jsonl; keep one or point data.root at the file"
+                    "holds both manifest.csv and manifest.jsonl; keep one, or point data.root / --transcript at one"
                     if found
-                    else "holds no manifest.csv or manifest.jsonl; add one or point data.root at the manifest file"
+                    else "holds no manifest.csv or manifest.jsonl; add one, or point data.root / --transcript at a file"
                 )
             )
         return found[0]
@@ -627,7 +627,7 @@ def _manifest_file(path: Path) -> Path:
             f"{path}: a manifest must be a .csv or .jsonl file, or a folder holding manifest.csv or manifest.jsonl"
         )
     if not path.is_file():
-        raise DatasetError(f"{path}: manifest not found; point data.root at it")
+        raise DatasetError(f"{path}: manifest not found; point data.root (predict: --transcript) at it")
     return path
 
 
@@ -723,3 +723,18 @@ def _manifest_media(base: Path, value: str) -> Path | None:
 
 
 READERS = {"meld": read_meld, "iemocap": read_iemocap, "manifest": read_manifest}
+
+
+def check_root(data: DataParams) -> None:
+    """Check that ``data.root`` exists and has the layout's kind (a folder; a manifest may be a file).
+
+    Raises:
+        DatasetError: naming ``data.root`` and what to set it to.
+    """
+    if not data.root.exists():
+        raise DatasetError(
+            f"data.root {data.root} does not exist; point data.root in params.yaml at the "
+            f"{data.layout} release (see the README, Data)"
+        )
+    if data.layout != "manifest" and not data.root.is_dir():
+        raise DatasetError(f"data.root {data.root} is not a directory; the {data.layout} layout is a folder")

@@ -3,8 +3,14 @@
 Failures raise :class:`MediaError` with a reason code from :mod:`pipeline.feature_table`, so the
 extraction stages can mask the utterance and report it instead of crashing. Where PyAV says why, the
 cause is kept: ``missing_clip`` (the file is gone), ``no_audio`` / ``no_video`` (no such stream),
-``corrupt`` (the container or its packets do not decode), ``truncated`` (a stream decodes to far less
-than its header declares: :func:`is_truncated`); ``decode_error`` for any other failure.
+``corrupt`` (the container or its packets do not decode), ``truncated`` (a stream, or the part of it an
+utterance's segment covers, decodes to far less than its header declares: :func:`is_truncated`);
+``decode_error`` for any other failure.
+
+A truncated clip is masked by default; with ``on_truncated="use_partial"`` the part that decoded is
+returned instead, and the caller's ``notes`` dict says so (``partial``), as it says when a segment's
+``end`` lies beyond the media and was clamped to its end (``segment_clamped``): the extraction stages
+list both in their reports.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ PROBE_OPTIONS = {"skip_frame": "all"}
 # this share of it, and by more than TRUNCATED_MIN_SECONDS (AAC priming and padding are a few ms).
 TRUNCATED_SHARE = 0.1
 TRUNCATED_MIN_SECONDS = 0.25
+ON_TRUNCATED = ("mask", "use_partial")  # what load_audio / sample_frames do with a truncated clip
 
 
 class MediaError(RuntimeError):
@@ -49,17 +56,32 @@ def load_audio(
     max_seconds: float | None = None,
     start: float | None = None,
     end: float | None = None,
+    on_truncated: str = "mask",
+    notes: dict | None = None,
 ) -> torch.Tensor:
     """Decode a clip's first audio stream, or its ``[start, end)`` segment, to mono float32 at ``sample_rate``.
 
     Decoding uses PyAV (seeking to ``start`` when given: dialogue-long IEMOCAP wavs are not decoded
     whole for every utterance); the AAC encoder's tail padding (which PyAV, unlike ffmpeg, keeps) is
-    trimmed to the stream's declared duration; channels are averaged; resampling uses
-    ``torchaudio.functional.resample`` (windowed sinc).
+    trimmed to the stream's declared duration (:func:`declared_seconds`); channels are averaged;
+    resampling uses ``torchaudio.functional.resample`` (windowed sinc).
+
+    The decoded seconds are compared with what the header declares for the clip, or for the segment
+    (the part of ``[start, end]`` inside the declared duration): far less (:func:`is_truncated`) means
+    the file was cut short. A decoding error after the first packets ends the decode there and is
+    judged the same way (a cut file's last packet is often incomplete): truncated when far short, kept
+    when not; ``corrupt`` when the header declares no duration to judge it by.
 
     Args:
-        start / end: segment bounds in seconds (None: from the beginning / to the end).
-        max_seconds: keep at most this many seconds (None: all).
+        start / end: segment bounds in seconds (None: from the beginning / to the end). An ``end``
+            beyond the declared duration is clamped to it (see ``notes``).
+        max_seconds: keep at most this many seconds (None: all); a clip cut after them is not truncated.
+        on_truncated: ``mask`` raises ``truncated``; ``use_partial`` returns what decoded (when
+            anything did) and records it in ``notes``.
+        notes: if given, filled with what the caller should report: ``partial`` =
+            ``{"decoded": s, "declared": s}`` when a truncated decode was returned (seconds, rounded
+            to ms; ``declared`` is the segment's expected length for a segment), ``segment_clamped`` =
+            ``{"end": s, "media_end": s}`` when ``end`` lies beyond the stream's declared duration.
 
     Returns:
         ``[num_samples]`` float32 tensor, values in [-1, 1].
@@ -67,12 +89,17 @@ def load_audio(
     Raises:
         MediaError: ``missing_clip`` when the file does not exist; ``no_audio`` when the container has
             no audio stream or the segment decodes to nothing; ``corrupt`` when the file or its audio
-            packets cannot be decoded; ``truncated`` when a whole-file decode falls far short of the
-            duration the header declares (:func:`is_truncated`: the header survived, the packets did
-            not); ``decode_error`` for any other decoding failure.
+            packets cannot be decoded; ``truncated`` when the decode falls far short of the duration
+            the header declares for the clip or segment (the header survived, the packets did not)
+            and ``on_truncated`` is ``mask`` or nothing decoded; ``decode_error`` for any other
+            decoding failure.
+        ValueError: an ``on_truncated`` other than ``mask`` / ``use_partial``.
     """
     import av
 
+    if on_truncated not in ON_TRUNCATED:
+        raise ValueError(f"on_truncated must be one of {ON_TRUNCATED}, got {on_truncated!r}")
+    failed = None  # a decoding error after the first packets: the decode ended there
     try:
         with av.open(str(path), options=PROBE_OPTIONS) as container:
             if not container.streams.audio:
@@ -81,6 +108,7 @@ def load_audio(
             if stream.codec_context is None:  # e.g. a file cut inside its header
                 raise MediaError("corrupt", path, "the audio stream has no decodable codec")
             rate = stream.codec_context.sample_rate
+            declared = declared_seconds(container, stream)
             if start and stream.time_base is not None:
                 # 0.1 s early: AAC needs the previous frame (pre-roll) to decode the first one right;
                 # the extra samples are trimmed below
@@ -89,16 +117,18 @@ def load_audio(
             # channels here: ffmpeg's own down-mix scales by 1/sqrt(2) and can leave [-1, 1].
             to_float = av.AudioResampler(format="fltp", rate=rate)
             chunks, first_time = [], None
-            for frame in container.decode(stream):
-                if first_time is None:
-                    first_time = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
-                chunks += [out.to_ndarray() for out in to_float.resample(frame)]
-                if end is not None and frame.pts is not None and float(frame.pts * frame.time_base) > end:
-                    break
+            try:
+                for frame in container.decode(stream):
+                    if first_time is None:
+                        first_time = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+                    chunks += [out.to_ndarray() for out in to_float.resample(frame)]
+                    if end is not None and frame.pts is not None and float(frame.pts * frame.time_base) > end:
+                        break
+            except (av.InvalidDataError, av.error.EOFError) as err:
+                if not chunks:
+                    raise
+                failed = err
             chunks += [out.to_ndarray() for out in to_float.resample(None)]
-            declared = None
-            if stream.duration is not None and stream.time_base is not None:
-                declared = float(stream.duration * stream.time_base)
     except MediaError:
         raise
     except FileNotFoundError:
@@ -116,13 +146,23 @@ def load_audio(
         wave = wave[: int(round((stop - first_time) * rate))]  # also drops the AAC tail padding
     if start:
         wave = wave[max(0, int(round((start - first_time) * rate))) :]
-    if start is None and end is None and declared and is_truncated(wave.numel() / rate, declared):
-        raise MediaError(
-            "truncated",
-            path,
-            f"the audio stream declares {declared:.2f} s but decoded to "
-            f"{wave.numel() / rate:.2f} s (the file was cut short: re-export or replace it)",
-        )
+    expected, clamped = expected_seconds(declared, start, end)
+    if expected is not None and max_seconds is not None:
+        expected = min(expected, max_seconds)  # a cut past what is kept changes nothing
+    decoded = wave.numel() / rate
+    if expected is not None and is_truncated(decoded, expected):
+        if on_truncated == "mask" or wave.numel() == 0:
+            raise MediaError(
+                "truncated",
+                path,
+                f"{_declares('audio', start, end)} {expected:.2f} s but decoded to {decoded:.2f} s"
+                + (f" (decoding stopped: {failed})" if failed is not None else "")
+                + " (the file was cut short: re-export or replace it)",
+            )
+        if notes is not None:
+            notes["partial"] = {"decoded": round(decoded, 3), "declared": round(expected, 3)}
+    elif failed is not None and expected is None:  # no declared duration to judge the decode against
+        raise MediaError("corrupt", path, f"audio could not be decoded ({failed})")
     if wave.numel() == 0:
         what = f"the segment [{start}, {end}] s" if start is not None or end is not None else "the audio stream"
         raise MediaError("no_audio", path, f"{what} decoded to zero samples")
@@ -130,7 +170,46 @@ def load_audio(
         wave = AF.resample(wave, rate, sample_rate)
     if max_seconds is not None:
         wave = wave[: int(max_seconds * sample_rate)]
+    if clamped and notes is not None:
+        notes["segment_clamped"] = clamped
     return wave.contiguous()
+
+
+def declared_seconds(container, stream) -> float | None:
+    """The duration (s) a stream's header declares, or None when it declares none.
+
+    Matroska / WebM give each track's duration as a ``DURATION`` tag (their stream duration field is
+    empty, or FFmpeg's estimate from the container), which is used first; then the stream's duration
+    field (MP4, WAV ...); then the container's duration. ``container`` / ``stream``: an open PyAV
+    container and one of its streams.
+    """
+    tag = stream.metadata.get("DURATION")
+    if tag:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            pass
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
+
+
+def expected_seconds(declared: float | None, start: float | None, end: float | None) -> tuple[float | None, dict]:
+    """What a decode of ``[start, end)`` should yield from a stream declaring ``declared`` seconds.
+
+    Returns:
+        (the seconds of the segment inside the declared duration, at most 0 for a segment past it;
+        None when nothing is declared, as nothing can then be checked; ``{"end": s, "media_end": s}``
+        when ``end`` lies beyond the declared duration (by 1 ms or more), else ``{}``).
+    """
+    if not declared:
+        return None, {}
+    stop = declared if end is None else min(end, declared)
+    clamped = {"end": end, "media_end": round(declared, 3)} if end is not None and end - declared >= 0.001 else {}
+    return stop - (start or 0.0), clamped
 
 
 def is_truncated(decoded_seconds: float, declared_seconds: float) -> bool:
@@ -142,17 +221,15 @@ def is_truncated(decoded_seconds: float, declared_seconds: float) -> bool:
 
 
 def video_stream_seconds(path: str | Path) -> float | bool | None:
-    """The duration (s) the first video stream declares (0.0 when it declares none); False for a
-    file without a video stream; None when the file cannot be opened or holds no stream at all."""
+    """The duration (s) the first video stream declares (:func:`declared_seconds`; 0.0 when none is
+    given); False for a file without a video stream; None when the file cannot be opened or holds no
+    stream at all."""
     import av
 
     try:
         with av.open(str(path), options=PROBE_OPTIONS) as container:
             if container.streams.video:
-                stream = container.streams.video[0]
-                if stream.duration is not None and stream.time_base is not None:
-                    return float(stream.duration * stream.time_base)
-                return 0.0
+                return declared_seconds(container, container.streams.video[0]) or 0.0
             return False if container.streams.audio else None
     except (av.FFmpegError, OSError, ValueError):
         return None
@@ -178,6 +255,8 @@ def sample_frames(
     start: float | None = None,
     end: float | None = None,
     max_side: int | None = None,
+    on_truncated: str = "mask",
+    notes: dict | None = None,
 ) -> list[np.ndarray]:
     """Read up to ``max_frames`` RGB frames from a clip (or its ``[start, end)`` segment), ``fps`` per second.
 
@@ -187,19 +266,37 @@ def sample_frames(
     downscaled at once to at most ``max_side`` pixels on its longer side (:func:`bound_frame`), so a
     4K clip costs the face detector and the memory no more than a frame of ``max_side`` pixels.
 
+    How far the frames decode is compared with the duration the video stream declares (for a segment:
+    the part of ``[start, end]`` inside it), as :func:`load_audio` does: after the last kept frame,
+    frames are grabbed on only as long as the decode would still count as truncated
+    (:func:`is_truncated`; at most a fraction of a second).
+
+    Args:
+        on_truncated: ``mask`` raises ``truncated``; ``use_partial`` returns the frames that decoded
+            (when any did) and records it in ``notes``.
+        notes: if given, filled as by :func:`load_audio` (``partial``: ``{"decoded": s, "declared": s}``,
+            ``segment_clamped``: ``{"end": s, "media_end": s}``).
+
     Returns:
         list of ``[height, width, 3]`` uint8 RGB arrays (at least one), ``max(height, width) <= max_side``.
 
     Raises:
         MediaError: ``missing_clip`` when the file does not exist, ``no_video`` for a file without a
             video stream (audio only), ``corrupt`` when the file cannot be opened as media at all,
-            ``truncated`` when the whole clip's video stream declares a duration but yields no frame,
-            ``decode_error`` when a segment's video yields no frame.
+            ``truncated`` when the frames stop far short of the duration the video stream declares
+            for the clip or segment and ``on_truncated`` is ``mask`` or no frame decodes,
+            ``decode_error`` when the video yields no frame otherwise (e.g. a segment past its end).
+        ValueError: an ``on_truncated`` other than ``mask`` / ``use_partial``.
     """
     import cv2
 
+    if on_truncated not in ON_TRUNCATED:
+        raise ValueError(f"on_truncated must be one of {ON_TRUNCATED}, got {on_truncated!r}")
+    declared = video_stream_seconds(path)
+    expected, clamped = expected_seconds(declared or None, start, end)
     capture = cv2.VideoCapture(str(path))
     frames: list[np.ndarray] = []
+    decoded = 0.0  # seconds of the segment the frames decoded up to
     try:
         if capture.isOpened():
             native_fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
@@ -215,43 +312,67 @@ def sample_frames(
             if len(wanted) > max_frames:
                 wanted = np.linspace(first, max(last - 1, first), max_frames)
             targets = sorted({int(round(i)) for i in wanted})
-            index = 0
+            index = 0  # the next frame's number: frames [0, index) were decoded (or skipped by the seek)
             if first > 0 and capture.set(cv2.CAP_PROP_POS_FRAMES, first):
                 index = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
             for target in targets:
-                while index < target:
-                    if not capture.grab():
-                        break
+                while index < target and capture.grab():
                     index += 1
-                ok, frame = capture.read()
-                index += 1
+                ok, frame = capture.read() if index >= target else (False, None)
                 if not ok:
                     break
+                index += 1
                 frames.append(cv2.cvtColor(bound_frame(frame, max_side), cv2.COLOR_BGR2RGB))
+            else:  # every frame wanted decoded: read on only while the decode would count as truncated
+                while (
+                    expected is not None
+                    and is_truncated(index / native_fps - (start or 0.0), expected)
+                    and capture.grab()
+                ):
+                    index += 1
+            decoded = max(0.0, index / native_fps - (start or 0.0))
     finally:
         capture.release()
-    if not frames:
-        if not Path(path).exists():
-            raise MediaError("missing_clip", path, "the file does not exist (moved or deleted after prepare?)")
-        declared = video_stream_seconds(path)
-        if declared is False:
-            raise MediaError("no_video", path, "the file has no video stream (audio only?)")
-        if declared is None:
-            raise MediaError("corrupt", path, "the file cannot be opened as audio or video (damaged or not media)")
-        if declared > TRUNCATED_MIN_SECONDS and start is None and end is None:
+    if frames and expected is not None and is_truncated(decoded, expected):
+        if on_truncated == "mask":
             raise MediaError(
                 "truncated",
                 path,
-                f"the video stream declares {declared:.2f} s but no frame decodes "
+                f"{_declares('video', start, end)} {expected:.2f} s but frames decode only to {decoded:.2f} s "
                 "(the file was cut short: re-export or replace it)",
             )
+        if notes is not None:
+            notes["partial"] = {"decoded": round(decoded, 3), "declared": round(expected, 3)}
+    if frames:
+        if clamped and notes is not None:
+            notes["segment_clamped"] = clamped
+        return frames
+    if not Path(path).exists():
+        raise MediaError("missing_clip", path, "the file does not exist (moved or deleted after prepare?)")
+    if declared is False:
+        raise MediaError("no_video", path, "the file has no video stream (audio only?)")
+    if declared is None:
+        raise MediaError("corrupt", path, "the file cannot be opened as audio or video (damaged or not media)")
+    if expected is not None and is_truncated(0.0, expected):
         raise MediaError(
-            "decode_error",
+            "truncated",
             path,
-            "no video frame could be decoded"
-            + (f" in the segment [{start}, {end}] s" if start is not None or end is not None else ""),
+            f"{_declares('video', start, end)} {expected:.2f} s but no frame decodes "
+            "(the file was cut short: re-export or replace it)",
         )
-    return frames
+    raise MediaError(
+        "decode_error",
+        path,
+        "no video frame could be decoded"
+        + (f" in the segment [{start}, {end}] s" if start is not None or end is not None else ""),
+    )
+
+
+def _declares(kind: str, start: float | None, end: float | None) -> str:
+    """How a ``truncated`` message names the expected seconds: the ``kind`` stream's, or the segment's."""
+    if start is None and end is None:
+        return f"the {kind} stream declares"
+    return f"the segment [{start}, {end}] s should hold (by the {kind} stream's declared duration)"
 
 
 def decode_ahead(items: Sequence[T], decode: Callable[[T], R], depth: int = 4) -> Iterator[tuple[T, R | MediaError]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import DataParams, Params
-from pipeline.datasets import MELD_SPLITS, READERS, DatasetError, RawDataset, RowErrors
+from pipeline.datasets import MELD_SPLITS, READERS, RawDataset, RowErrors, check_root
 from pipeline.utterances import LABELS_FILE, UTTERANCES_FILE, Utterance, write_utterances
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,7 @@ def prepare(params: Params) -> tuple[list[Utterance], dict, dict]:
         DatasetError: the release is missing or malformed (the message says where and what to do).
     """
     data = params.data
-    if not data.root.exists():
-        raise DatasetError(f"data.root {data.root} does not exist; point data.root in params.yaml at the release")
-    if data.layout != "manifest" and not data.root.is_dir():
-        raise DatasetError(f"data.root {data.root} is not a directory; the {data.layout} layout is a folder")
+    check_root(data)
     errors = RowErrors()
     dataset = READERS[data.layout](data.root, data, errors=errors)
     utterances, labels, label_report = apply_label_policy(dataset, data, errors)

@@ -6,13 +6,18 @@ encoder that ``AutoModel`` loads works (by id, local directory or ``package:`` r
 
 * Input: the utterance text alone, or with ``text.context_window > 0`` the utterance
   ("Speaker: text") as the first segment and its previous and next utterances of the dialogue
-  ("Speaker: text" each) as the second, truncating the context first. This is the context-aware
+  ("Speaker: text" each) as the second, truncating the longer segment first. This is the context-aware
   input of RoBERTa ERC models (EmoBERTa, Kim & Vossen 2021, arXiv 2108.12009), rebuilt here.
 * Encoding: utterances sorted by input length and batched (little padding), ``torch.inference_mode``,
   autocast on CUDA (``text.cuda_dtype``; the CPU runs float32).
 * Pooling (``text.pooling``): the first token, or the mean over the utterance's own tokens (the
   context segment is excluded); over the last hidden layer, or the mean of the last
   ``text.last_k_layers`` layers.
+* Truncation: inputs longer than ``text.max_length`` tokens are cut, the longer segment first (the
+  tokenizer's ``longest_first``: when both segments are long, each keeps about half, so a short
+  utterance can lose tokens to a long context); the utterances whose own tokens were cut are listed
+  in the report (``truncated_to_max_length``, with their token count before the cut) and counted in
+  the log.
 * Empty text is masked with reason ``empty_text``.
 * Resumable: results go to a cache keyed by utterance id + input + ``text.*`` + code + weights
   (:class:`pipeline.extraction_cache.ExtractionCache`); a killed run resumes where it stopped.
@@ -91,8 +96,11 @@ def encode_texts(
     """Encode ``(text, context or None)`` inputs in length-sorted batches.
 
     Args:
-        on_batch: if given, called as ``on_batch(indices, features [b, D])`` after each batch, and
-            nothing is returned (the caller stores the results; used for the resume cache).
+        on_batch: if given, called as ``on_batch(indices, features [b, D], cut)`` after each batch, and
+            nothing is returned (the caller stores the results; used for the resume cache). ``cut``
+            maps the indices (into ``inputs``) whose own tokens (the text, or the "Speaker: text"
+            segment; special tokens not counted) were cut to ``max_length`` to their token count
+            before the cut.
 
     Returns:
         ``[len(inputs), hidden_size]`` float32 on the CPU in the order of ``inputs`` (None with ``on_batch``).
@@ -107,8 +115,8 @@ def encode_texts(
             texts = [inputs[i][0] for i in idx]
             contexts = [inputs[i][1] for i in idx]
             if settings.context_window > 0:  # always pairs (an empty context for a lone utterance), so that
-                # an utterance's input never depends on its batch neighbours; longest_first truncates the
-                # context first and never fails on an utterance longer than max_length
+                # an utterance's input never depends on its batch neighbours; longest_first cuts the longer
+                # segment first and never fails on an utterance longer than max_length
                 batch = tokenizer(
                     texts,
                     [c or "" for c in contexts],
@@ -119,9 +127,14 @@ def encode_texts(
                 )
                 # pool over the utterance's own tokens: sequence 0 (the context is sequence 1)
                 token_mask = torch.tensor([[s == 0 for s in batch.sequence_ids(b)] for b in range(len(idx))])
+                kept = token_mask.sum(1)
             else:
                 batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                 token_mask = batch["attention_mask"]
+                kept = token_mask.sum(1) - tokenizer.num_special_tokens_to_add(pair=False)
+            # the utterance's own tokens before truncation (verbose=False: no warning for long inputs)
+            own = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+            cut = {i: n for i, n, k in zip(idx, own, kept.tolist()) if k < n}
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 outputs = model(**batch, output_hidden_states=settings.last_k_layers > 1)
@@ -131,7 +144,7 @@ def encode_texts(
                 .cpu()
             )
             if on_batch:
-                on_batch(idx, features)
+                on_batch(idx, features, cut)
             else:
                 out[idx] = features
             bar.update(len(idx))
@@ -145,7 +158,9 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     not encoded again.
 
     Returns:
-        the stage report (see :func:`pipeline.reports.finish_extraction`).
+        the stage report (see :func:`pipeline.reports.finish_extraction`), with
+        ``truncated_to_max_length`` ``{utterance_id: own tokens before the cut}``: the utterances whose
+        own tokens (not only their context) were cut to ``text.max_length``.
 
     Raises:
         OSError: the model cannot be found (offline, unknown id).
@@ -178,18 +193,24 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
                 todo.append(i)
         cache.log_resumed(len(utterances))
 
-        def store(batch_rows: list[int], features: torch.Tensor) -> None:
+        def store(batch_rows: list[int], features: torch.Tensor, cut: dict[int, int]) -> None:
             for row, vector in zip(batch_rows, features):
                 i = todo[row]
-                cache.put(utterances[i].utterance_id, signatures[i], vector)
+                diagnostics = {"truncated_to_max_length": cut[row]} if row in cut else None
+                cache.put(utterances[i].utterance_id, signatures[i], vector, diagnostics=diagnostics)
 
         if todo:
             encode_texts([inputs[i] for i in todo], tokenizer, model, params.text, device, on_batch=store)
-        table, _ = cache.table([u.utterance_id for u in utterances], info)
+        table, diagnostics = cache.table([u.utterance_id for u in utterances], info)
     return finish_extraction(
         "text",
         table,
         features_dir,
+        named={
+            "truncated_to_max_length": {
+                u: d["truncated_to_max_length"] for u, d in diagnostics.items() if "truncated_to_max_length" in d
+            }
+        },
         run_facts={
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),

@@ -17,9 +17,12 @@
 
 Masked utterances (reason code): no media (``missing_clip``), an audio-only file (``no_video``), no
 face in any sampled frame (``no_face``), a clip that does not decode (``corrupt``, ``truncated``,
-``decode_error``: see :mod:`pipeline.media`). The report keeps per-clip frame and per-frame face
-counts as diagnostics; the log gives the time spent decoding (in a background thread, overlapped with
-detection: :func:`pipeline.media.decode_ahead`), detecting and embedding (frames/s). Resumable through
+``decode_error``: see :mod:`pipeline.media`; a clip cut short is encoded from the frames that decoded
+instead with ``visual.on_truncated: use_partial``). The report keeps per-clip frame and per-frame face
+counts as diagnostics, and lists the clips decoded in part (``partial``) and those whose segment end
+lay beyond the video and was clamped to its end (``segment_clamped``); the log gives the time spent
+decoding (in a background thread, overlapped with detection: :func:`pipeline.media.decode_ahead`),
+detecting and embedding (frames/s). Resumable through
 :class:`pipeline.extraction_cache.ExtractionCache`. Every ``TRIM_EVERY`` clips (in whole groups) the C
 heap's free pages go back to the system (:func:`pipeline.media.trim_heap`): memory stays flat.
 
@@ -229,8 +232,10 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     """Sample frames, track and embed the speaker's face, pool per utterance into ``visual.safetensors``.
 
     Returns:
-        the stage report (with ``per_clip`` diagnostics; its ``run`` facts hold the ``decode/detect/embed``
-        seconds and frames/s). Raises: OSError / FileNotFoundError / ValueError for face weights that cannot be loaded.
+        the stage report (with ``per_clip`` diagnostics, ``partial`` ``{utterance_id: {"decoded": s,
+        "declared": s}}`` and ``segment_clamped`` ``{utterance_id: {"end": s, "media_end": s}}``, see
+        :func:`pipeline.media.sample_frames`; its ``run`` facts hold the ``decode/detect/embed`` seconds and
+        frames/s). Raises: OSError / FileNotFoundError / ValueError for face weights that cannot be loaded.
     """
     start = time.perf_counter()
     settings = params.visual
@@ -249,12 +254,20 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         "visual", settings.model_dump(), 512, cache_root, flush_every=16, weights_id=info["weights_id"]
     ) as cache:
 
-        def decode(item: tuple[int, str]) -> list[np.ndarray]:  # runs in the decoding thread
-            utt, t0 = utterances[item[0]], time.perf_counter()
+        def decode(item: tuple[int, str]) -> tuple[list[np.ndarray], dict]:  # runs in the decoding thread
+            utt, t0, notes = utterances[item[0]], time.perf_counter(), {}
             try:
-                return sample_frames(
-                    utt.clip, settings.fps, settings.max_frames, utt.start, utt.end, settings.max_frame_side
+                frames = sample_frames(
+                    utt.clip,
+                    settings.fps,
+                    settings.max_frames,
+                    utt.start,
+                    utt.end,
+                    settings.max_frame_side,
+                    on_truncated=settings.on_truncated,
+                    notes=notes,
                 )
+                return frames, notes
             finally:
                 timings["decode_seconds"] += time.perf_counter() - t0
 
@@ -268,19 +281,34 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         for g, group in enumerate(plan):
             if g % max(1, TRIM_EVERY // settings.clips_per_batch) == 0:
                 trim_heap()
-            results = list(islice(decoded, len(group)))  # [((row, signature or None), frames | MediaError)]
-            clips = [[] if isinstance(frames, MediaError) else frames for _, frames in results]
-            for ((row, signature), frames), (embedding, diagnostics) in zip(
+            # [((row, signature or None), (frames, decoding notes) | MediaError)]
+            results = list(islice(decoded, len(group)))
+            clips = [[] if isinstance(result, MediaError) else result[0] for _, result in results]
+            for ((row, signature), result), (embedding, diagnostics) in zip(
                 results, embed_clips(clips, mtcnn, embedder, settings, device, timings)
             ):
                 if signature is None:  # a cached row, detected again as context only
                     continue
                 utt = utterances[row]
                 progress.update()
-                if isinstance(frames, MediaError):
-                    cache.put(utt.utterance_id, signature, None, frames.reason)
-                    log.warning("%s (%s): %s; visual masked", utt.utterance_id, frames.reason, frames)
+                if isinstance(result, MediaError):
+                    cache.put(utt.utterance_id, signature, None, result.reason)
+                    hint = ""
+                    if result.reason == "truncated" and settings.on_truncated == "mask":
+                        hint = " (visual.on_truncated: use_partial would use the frames that decode)"
+                    log.warning("%s (%s): %s; visual masked%s", utt.utterance_id, result.reason, result, hint)
                     continue
+                frames, notes = result
+                if "partial" in notes:
+                    log.warning(
+                        "%s: %s was cut short: its frames decode to %.2f s of the %.2f s its header declares "
+                        "for the utterance; using the %d frames that decoded (visual.on_truncated=use_partial)",
+                        utt.utterance_id,
+                        utt.clip,
+                        notes["partial"]["decoded"],
+                        notes["partial"]["declared"],
+                        len(frames),
+                    )
                 frames_seen += diagnostics["frames"]
                 frames_tracked += diagnostics["frames_tracked"]
                 if embedding is None:
@@ -291,9 +319,11 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
                         utt.clip,
                     )
                 reason = "ok" if embedding is not None else "no_face"
-                cache.put(utt.utterance_id, signature, embedding, reason, diagnostics)
+                cache.put(utt.utterance_id, signature, embedding, reason, {**diagnostics, **notes})
         progress.close()
         table, per_clip = cache.table([u.utterance_id for u in utterances], info)
+    named = {key: {u: d[key] for u, d in per_clip.items() if key in d} for key in ("partial", "segment_clamped")}
+    per_clip = {u: {k: v for k, v in d.items() if k not in named} for u, d in per_clip.items()}
     rates = {
         "detect_frames_per_second": round(frames_seen / timings["detect_seconds"], 2)
         if timings["detect_seconds"]
@@ -307,6 +337,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         table,
         features_dir,
         {"per_clip": per_clip},
+        named=named,
         run_facts={
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),

@@ -51,6 +51,8 @@ def test_unknown_keys_are_rejected_naming_the_dotted_key(raw, key):
         ({"text": {"pooling": "max"}}, "text.pooling", "'cls' or 'mean'"),
         ({"visual": {"min_face_prob": 1.5}}, "visual.min_face_prob", "less than or equal to 1"),
         ({"data": {"emotions": ["joy", "joy"]}}, "data.emotions", "unique"),
+        ({"audio": {"on_truncated": "keep"}}, "audio.on_truncated", "'mask' or 'use_partial'"),
+        ({"visual": {"on_truncated": "partial"}}, "visual.on_truncated", "'mask' or 'use_partial'"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(raw, key, detail):
@@ -136,3 +138,11 @@ def test_repository_profiles_validate(repo_root: Path):
         pytest.skip("no profiles/*.yaml")
     for path in profiles:
         load_params(path)
+
+
+def test_on_truncated_defaults_to_mask_and_stays_in_the_extraction_cache_key():
+    from pipeline.extraction_cache import RUNTIME_ONLY
+
+    params = parse_params({"visual": {"on_truncated": "use_partial"}})
+    assert params.audio.on_truncated == "mask" and params.visual.on_truncated == "use_partial"
+    assert "on_truncated" not in RUNTIME_ONLY  # it changes the features

@@ -1,8 +1,9 @@
 """End to end: `dvc repro` of the demo in a copy of the repository, then experiments with -S.
 
 Checks: every stage runs; the fresh metrics reproduce the committed ones (the CI reproducibility
-check) and no tracked file changes; a second repro does nothing; `dvc exp run -S train.lr=1e-4`
-re-runs only train and evaluate and really trains at 1e-4; a text.* change re-runs the text branch but
+check) and no tracked file changes; a second repro does nothing; a failed `dvc exp run` keeps the
+git-tracked metrics; `dvc exp run -S train.lr=1e-4` re-runs only train and the stages after it
+(evaluate, predict) and really trains at 1e-4; a text.* change re-runs the text branch but
 not the audio or visual extraction; and a deliberately broken pipeline (text features shuffled against
 their utterances) fails the reproducibility check. The tests share one copy and run in file order.
 """
@@ -20,7 +21,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"prepare", "extract_text", "extract_audio", "extract_visual", "build_graphs", "train", "evaluate", "predict"}
+STAGES = {
+    "check_data",
+    "prepare",
+    "extract_text",
+    "extract_audio",
+    "extract_visual",
+    "build_graphs",
+    "train",
+    "evaluate",
+    "predict",
+}
 IGNORE = shutil.ignore_patterns(
     ".git",
     ".venv",
@@ -128,7 +139,20 @@ def test_second_repro_does_nothing(project: Path):
     assert "up to date" in output
 
 
-def test_exp_run_lr_reruns_only_train_and_evaluate(project: Path):
+def test_failed_exp_run_keeps_the_tracked_metrics(project: Path):
+    """DVC deletes a stage's outputs before it runs the stage; the git-tracked ones (metrics, reports) are
+    ``persist: true`` in dvc.yaml, so a run that fails (here on invalid params) loses none of them."""
+    metrics = sorted(p for p in (project / "metrics").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in metrics}
+    args = [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=-1"]
+    result = subprocess.run(args, cwd=project, env=_env(), capture_output=True, text=True)
+    assert result.returncode != 0 and "train.lr" in result.stdout + result.stderr
+    assert {p: p.read_bytes() for p in metrics} == before
+    _run(["git", "checkout", "--", "params.yaml"], project)
+    _run([sys.executable, "-m", "dvc", "checkout"], project)  # models/model.pt, deleted before the failed run
+
+
+def test_exp_run_lr_reruns_only_train_and_the_stages_after_it(project: Path):
     output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=1e-4"], project)
     assert _stages_run(output) == {"train", "evaluate", "predict"}
     train_metrics = json.loads((project / "metrics/train/metrics.json").read_text())

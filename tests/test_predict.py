@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -94,7 +95,9 @@ def test_predict_with_transcript_reports_the_corrupt_clip(run_dir: Path, monkeyp
     assert len(rows) == 13 and list(rows)[:3] == ["conv0_utt0", "conv0_utt1", "conv0_utt2"]
     broken = rows["conv1_utt1"]  # truncated to 30 %: audio and video lost, predicted from its text
     assert (broken["text_present"], broken["audio_present"], broken["visual_present"]) == ("1", "0", "0")
+    assert (broken["text_missing"], broken["audio_missing"], broken["visual_missing"]) == ("", "truncated", "truncated")
     assert rows["conv1_utt2"]["visual_present"] == "0"  # the demo's no-face clip
+    assert rows["conv1_utt2"]["visual_missing"] == "no_face"
     assert all(r["text_source"] == "transcript" for r in rows.values())
     emotions = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
     for r in rows.values():
@@ -107,6 +110,7 @@ def test_predict_with_transcript_reports_the_corrupt_clip(run_dir: Path, monkeyp
     assert by_id["conv1_utt1"]["missing"] == {"audio": "truncated", "visual": "truncated"}
     assert by_id["conv1_utt1"]["modalities"] == ["text"]
     assert result["skipped"] == [] and result["text_source"] == "transcript"
+    assert result["scores"] == {} and result["not_scored"] == {}  # a transcript without labels
     assert result["encoders"]["text"]["pretrained"] is True and result["encoders"]["audio"]["pretrained"] is False
 
 
@@ -254,3 +258,138 @@ def test_predict_on_real_videos_with_a_handwritten_transcript(run_dir: Path, sha
     report = json.loads((run_dir / "real_work/features/visual_report.json").read_text())
     assert report["masked"] == {"no_face": ["empty_room"]}
     assert report["per_clip"]["pexels_0"]["frames"] == 2  # max_frames over the 6.5 s segment
+
+
+# Labels for the 13 utterances of data/raw/predict (all among the demo checkpoint's classes).
+PREDICT_EMOTIONS = [
+    "anger", "anger", "fear", "sadness", "neutral", "surprise", "disgust",
+    "anger", "neutral", "surprise", "neutral", "joy", "joy",
+]  # fmt: skip
+PREDICT_SENTIMENTS = [
+    "negative", "negative", "negative", "negative", "neutral", "positive", "negative",
+    "negative", "neutral", "negative", "neutral", "positive", "positive",
+]  # fmt: skip
+
+
+def labelled_transcript(path: Path, emotions: list[str], sentiments: list[str], speakers: dict | None = None) -> Path:
+    """data/raw/predict/transcript.csv with absolute media paths, emotion / sentiment columns and,
+    optionally, some speakers renamed."""
+    clips = REPO / "data/raw/predict"
+    with open(clips / "transcript.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, [*rows[0], "emotion", "sentiment"])
+        w.writeheader()
+        for row, emotion, sentiment in zip(rows, emotions, sentiments, strict=True):
+            row["media"] = (clips / row["media"]).as_posix()
+            row["speaker"] = (speakers or {}).get(row["speaker"], row["speaker"])
+            w.writerow({**row, "emotion": emotion, "sentiment": sentiment})
+    return path
+
+
+def test_predict_with_an_unknown_label_predicts_and_warns(run_dir: Path, monkeypatch, capsys, caplog):
+    monkeypatch.chdir(run_dir)
+    emotions = ["excited" if i in (3, 11) else e for i, e in enumerate(PREDICT_EMOTIONS)]
+    transcript = labelled_transcript(run_dir / "excited.csv", emotions, PREDICT_SENTIMENTS)
+    clips = REPO / "data/raw/predict/clips"
+    code = predict.main(["--clips", str(clips), "--transcript", str(transcript), "--out", "exc_out", "--work", "work"])
+    assert code == 0, capsys.readouterr().err
+    assert len(rows_by_id(run_dir / "exc_out/predictions.csv")) == 13
+    result = json.loads((run_dir / "exc_out/predictions.json").read_text())
+    assert len(result["rows"]) == 13 and "emotion" not in result["scores"]
+    assert result["not_scored"]["emotion"].startswith(
+        "emotion labels ['excited'] (2 rows) are not among the checkpoint's classes ['neutral', 'surprise'"
+    )
+    assert set(result["scores"]) == {"sentiment"}  # the sentiment labels are all known: scored
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("['excited'] (2 rows)" in w and "emotion not scored" in w for w in warnings), warnings
+
+
+def test_predict_scores_against_the_transcripts_labels(run_dir: Path, monkeypatch, capsys, caplog):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    caplog.set_level(logging.INFO, logger="pipeline.predict")
+    monkeypatch.chdir(run_dir)
+    transcript = labelled_transcript(
+        run_dir / "labelled.csv", PREDICT_EMOTIONS, PREDICT_SENTIMENTS, speakers={"Bea": "=Bea", "Dan": "-Dan"}
+    )
+    clips = REPO / "data/raw/predict/clips"
+    code = predict.main(["--clips", str(clips), "--transcript", str(transcript), "--out", "lab_out", "--work", "work"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((run_dir / "lab_out/predictions.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 13 and result["not_scored"] == {}
+    for task, gold in (("emotion", PREDICT_EMOTIONS), ("sentiment", PREDICT_SENTIMENTS)):
+        pred = [r[task] for r in rows]
+        assert result["scores"][task] == {
+            "weighted_f1": pytest.approx(f1_score(gold, pred, average="weighted", zero_division=0), abs=1e-4),
+            "accuracy": pytest.approx(accuracy_score(gold, pred), abs=1e-4),
+            "utterances": 13,
+        }
+    assert any("emotion against the transcript's labels: weighted F1" in r.getMessage() for r in caplog.records)
+    # speakers that a spreadsheet would run as formulas: escaped in the CSV, raw in the JSON
+    csv_rows = rows_by_id(run_dir / "lab_out/predictions.csv")
+    assert csv_rows["conv0_utt0"]["speaker"] == "'=Bea" and csv_rows["conv0_utt1"]["speaker"] == "'-Dan"
+    assert rows[0]["speaker"] == "=Bea" and rows[1]["speaker"] == "-Dan"
+
+
+def test_predict_checks_every_input_before_extracting(run_dir: Path, monkeypatch, capsys):
+    from pipeline import audio_features, text_features, visual_features
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("extraction or transcription ran before the inputs were checked")
+
+    for module in (text_features, audio_features, visual_features):
+        monkeypatch.setattr(module, "extract", must_not_run)
+    monkeypatch.setattr(predict, "transcribe", must_not_run)
+    monkeypatch.chdir(run_dir)
+    clips = REPO / "data/raw/predict/clips"
+    transcript = REPO / "data/raw/predict/transcript.csv"
+    Path("garbage.pt").write_text("not a checkpoint")
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["visual"]["max_frames"] = 5
+    Path("mismatch.yaml").write_text(yaml.safe_dump(raw))
+    Path("duplicate.csv").write_text(
+        "dialogue_id,utterance_id,speaker,text\nd,u0,A,hello\nd,u0,B,hi again\n", encoding="utf-8"
+    )
+    cases = [
+        (["--clips", "no_such_dir", "--transcript", str(transcript)], "error: --clips no_such_dir: not a directory"),
+        (["--transcript", str(transcript), "--checkpoint", "none.pt"], "error: none.pt: no trained model"),
+        (
+            ["--transcript", str(transcript), "--checkpoint", "garbage.pt"],
+            "error: --checkpoint garbage.pt: not a checkpoint written by the train stage",
+        ),
+        (
+            ["--transcript", str(transcript), "--params", "mismatch.yaml"],
+            "error: models/model.pt was trained on features made with other settings",
+        ),
+        (["--transcript", "no_such.csv"], "error: --transcript no_such.csv: no such file"),
+        (["--transcript", "duplicate.csv"], "duplicate utterance_id 'u0'"),
+    ]
+    for args, message in cases:
+        argv = args if "--clips" in args else ["--clips", str(clips), *args]
+        code = predict.main([*argv, "--out", "refused", "--work", "refused_work"])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and err.startswith("error: "), (args, err)
+        assert len(err.strip().splitlines()) == (1 if "mismatch.yaml" not in args else 3), err  # one error line
+        assert "visual.max_frames: checkpoint 2, params 5" in err if "mismatch.yaml" in args else True
+    assert not Path("refused").exists() and not Path("refused_work").exists()
+
+
+def test_predict_without_transcript_names_a_missing_asr_model(run_dir: Path, monkeypatch, capsys):
+    from pipeline import audio_features, text_features, visual_features
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("extraction or transcription ran before the ASR model was checked")
+
+    for module in (text_features, audio_features, visual_features):
+        monkeypatch.setattr(module, "extract", must_not_run)
+    monkeypatch.setattr(predict, "transcribe", must_not_run)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(run_dir)
+    clips = REPO / "data/raw/predict/clips"
+    code = predict.main(["--clips", str(clips), "--asr-model", "some/missing-model", "--out", "asr_refused"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: --asr-model some/missing-model: ")
+    assert "HF_HUB_OFFLINE=1" in err and "--transcript" in err and "local model directory" in err
+    assert not Path("asr_refused").exists()

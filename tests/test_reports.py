@@ -123,3 +123,23 @@ def test_finish_extraction_writes_deterministic_facts_and_returns_the_run_facts(
     first = (tmp_path / "audio_report.json").read_bytes()
     finish_extraction("audio", table, tmp_path, {"chunked": {"u0": 2}}, run_facts={"seconds": 9.5, "device": "cuda"})
     assert (tmp_path / "audio_report.json").read_bytes() == first
+
+
+def test_finish_extraction_lists_named_rows_in_table_order_and_summarises_them(tmp_path: Path, caplog):
+    table = make_table(["ok", "ok", "ok", "truncated"])
+    named = {
+        "partial": {"u2": {"decoded": 0.58, "declared": 2.0}, "u0": {"decoded": 1.1, "declared": 2.5}},
+        "segment_clamped": {},
+    }
+    returned = finish_extraction("visual", table, tmp_path, {"per_clip": {}}, named=named)
+    written = json.loads((tmp_path / "visual_report.json").read_text(encoding="utf-8"))
+    assert list(written["partial"]) == ["u0", "u2"] and written["partial"]["u2"] == {"decoded": 0.58, "declared": 2.0}
+    assert written["segment_clamped"] == {} and returned["partial"] == written["partial"]
+    # one warning line per non-empty key: the count, what happened, where they are listed, example ids
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [
+        "visual: 2 of 4 utterances were cut short and encoded from the part that decoded "
+        "(visual.on_truncated=use_partial) (listed under 'partial' in visual_report.json), e.g. u0, u2"
+    ]
+    with pytest.raises(ValueError, match="unknown report keys"):
+        finish_extraction("visual", table, tmp_path, named={"clipped": {"u0": 1}})

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,7 @@ def import_closure() -> dict[str, set[str]]:
 
 def test_every_stage_is_a_module():
     assert set(STAGES) == {
+        "check_data",
         "prepare",
         "extract_text",
         "extract_audio",
@@ -302,3 +304,24 @@ def test_run_stage_turns_a_lost_modality_into_one_error(tmp_path: Path, capsys):
         run_stage(stage, "test stage", {"out": "folder"}, ["--params", str(tmp_path / "params.yaml"), "--out", "o"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "error: audio: 3 of 3 utterances (100%) lost their audio modality\n"
+
+
+def test_a_missing_data_root_stops_dvc_repro_with_the_projects_message(tmp_path: Path):
+    """DVC checks ``prepare``'s ``${data.root}`` dependency before running it; ``check_data`` runs first."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["root"] = "data/raw/nowhere"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "prepare"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: data.root data/raw/nowhere does not exist; point data.root in params.yaml" in output
+    assert "Errno 2" not in output
