@@ -1,6 +1,6 @@
 """Quality benchmark on real conversations: MELD text-only, real pretrained MiniLM features.
 
-Runs the pipeline's own stages (prepare, extract_text, extract_audio, extract_visual, build_graphs) on
+Runs the pipeline's own stages (prepare, finetune_text, extract_text, extract_audio, extract_visual, build_graphs) on
 MELD's CSVs without clips (every utterance text-only: audio and visual are masked), then trains the
 model under several switches, each over several seeds, and reports test weighted F1 and accuracy at
 the best-dev epoch (mean and std), beside a context-free logistic regression on the same features.
@@ -8,12 +8,20 @@ the best-dev epoch (mean and std), beside a context-free logistic regression on 
     python benchmarks/quality.py --meld ../shared/data/meld --seeds 0 1 2 3 4
 
 Stage outputs are cached in ``--work`` (delete it to recompute); results go to ``--out`` (JSON) and a
-Markdown table is printed.
+Markdown table is printed. A quick run on a few dialogues (a smoke test, not a benchmark):
+
+    python benchmarks/quality.py --dialogues 3 --seeds 0 1 --epochs 2 --configs "graph=none"
+
+``--dialogues N`` copies the first N dialogues of each MELD split CSV into ``<work>/meld_subset`` and
+runs on those; its default ``--work`` is a folder of its own. ``--work`` records which data its stage
+outputs came from (``source.json``) and refuses to mix them with another ``--meld`` / ``--dialogues``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import resource
@@ -27,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import build_graphs, extract_audio, extract_text, extract_visual, prepare  # noqa: E402
+from pipeline import build_graphs, extract_audio, extract_text, extract_visual, finetune_text, prepare  # noqa: E402
 from pipeline.config import load_params, parse_params  # noqa: E402
 from pipeline.data import load_dialogues  # noqa: E402
 from pipeline.evaluate import classification_metrics  # noqa: E402
@@ -38,6 +46,9 @@ from pipeline.utterances import LABELS_FILE, UTTERANCES_FILE, load_labels, load_
 
 # Stage outputs inside --work, laid out as dvc.yaml's vars lay them out in the repository.
 PREPARED, FEATURES, GRAPHS = Path("data/prepared"), Path("data/features"), Path("data/graphs")
+TEXT_ENCODER, FINETUNE_RESUME = Path("models/text_encoder"), Path("data/interim/finetune_text")
+SOURCE_FILE = "source.json"  # in --work: the MELD folder and dialogue limit its stage outputs came from
+MELD_CSVS = ("train_sent_emo.csv", "dev_sent_emo.csv", "test_sent_emo.csv")
 
 # name -> params overrides (dotted keys). The first is the full model with the defaults of params.yaml.
 CONFIGS = {
@@ -58,15 +69,78 @@ def with_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
+def meld_subset(meld: Path, dialogues: int, out: Path) -> Path:
+    """Copy the first ``dialogues`` dialogues (in file order) of each MELD split CSV into ``out``.
+
+    Only the CSVs are copied, no clip folders: every utterance is text-only, as in the full benchmark.
+    Rows are copied as the release has them (bytes that are not UTF-8, CRLF line ends), so ``prepare``
+    sees what it would see in the full CSV.
+
+    Returns:
+        ``out``, a MELD release folder for ``data.root``.
+
+    Raises:
+        FileNotFoundError: a split CSV is missing from ``meld``. ValueError: a CSV has no
+            ``Dialogue_ID`` column.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MELD_CSVS:
+        source = meld / name
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: not found; --meld must be a folder holding {', '.join(MELD_CSVS)}")
+        text = source.read_bytes().decode("utf-8", errors="surrogateescape")
+        rows = csv.reader(io.StringIO(text, newline=""))
+        header = next(rows)
+        if "Dialogue_ID" not in header:
+            raise ValueError(f"{source}: no Dialogue_ID column; is it a MELD split CSV?")
+        column, kept = header.index("Dialogue_ID"), []
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(header)
+        keep = False  # whether the current row's dialogue is one of the first ``dialogues``
+        for row in rows:
+            if len(row) > column:
+                if row[column] not in kept and len(kept) < dialogues:
+                    kept.append(row[column])
+                keep = row[column] in kept
+            if row and keep:  # a short row stays with its dialogue (prepare reports it)
+                writer.writerow(row)
+        (out / name).write_bytes(buffer.getvalue().encode("utf-8", errors="surrogateescape"))
+    return out
+
+
+def check_work(work: Path, source: dict) -> None:
+    """Record in ``work`` which data its stage outputs come from; refuse outputs of other data.
+
+    Raises:
+        SystemExit: ``work`` holds stage outputs made from another MELD folder or dialogue limit.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / SOURCE_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != source:
+            raise SystemExit(
+                f"error: {work} holds stage outputs of {recorded}, not of {source}; delete it or pass another --work"
+            )
+    path.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
 def prepare_features(raw: dict, work: Path) -> None:
-    """Run the pipeline's stages on MELD text-only inside ``work`` (skipped when already there)."""
+    """Run the pipeline's stages, as ``dvc.yaml`` runs them, on MELD text-only inside ``work`` (each
+    skipped when its output is already there)."""
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     params = parse_params(raw)
     table = {"utterances": PREPARED / UTTERANCES_FILE}
     steps = [
         (PREPARED / UTTERANCES_FILE, prepare.run, {"out": PREPARED}),
-        (FEATURES / "text.safetensors", extract_text.run, {**table, "out": FEATURES}),
+        (
+            TEXT_ENCODER / finetune_text.INFO_FILE,
+            finetune_text.run,
+            {"prepared": PREPARED, "out": TEXT_ENCODER, "resume_dir": FINETUNE_RESUME},
+        ),
+        (FEATURES / "text.safetensors", extract_text.run, {**table, "text_encoder": TEXT_ENCODER, "out": FEATURES}),
         (FEATURES / "audio.safetensors", extract_audio.run, {**table, "out": FEATURES}),
         (FEATURES / "visual.safetensors", extract_visual.run, {**table, "out": FEATURES}),
         (GRAPHS / "graphs.safetensors", build_graphs.run, {**table, "out": GRAPHS}),
@@ -107,29 +181,53 @@ def logistic_regression(splits) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--meld", type=Path, default=REPO.parent / "shared/data/meld")
-    parser.add_argument("--work", type=Path, default=REPO / "benchmarks/work/meld_text")
+    parser.add_argument("--meld", type=Path, default=REPO.parent / "shared/data/meld", help="MELD's CSV folder")
+    parser.add_argument(
+        "--dialogues",
+        type=int,
+        default=None,
+        help="use only the first N dialogues of each split (a quick run; default: all)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="stage outputs (default: benchmarks/work/meld_text, or meld_text_<N>dialogues with --dialogues)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/meld_text.json")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="the params the runs start from")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=6)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="subset of config names")
     args = parser.parse_args()
+    unknown = [name for name in args.configs if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
+    if args.dialogues is not None and args.dialogues < 1:
+        parser.error("--dialogues must be at least 1")
+    if args.work is None:
+        suffix = "" if args.dialogues is None else f"_{args.dialogues}dialogues"
+        args.work = REPO / f"benchmarks/work/meld_text{suffix}"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # else torch already follows it
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    base = load_params(REPO / "params.yaml").model_dump(mode="json")
+    meld, work = args.meld.resolve(), args.work.resolve()
+    check_work(work, {"meld": str(meld), "dialogues": args.dialogues})
+    root = meld if args.dialogues is None else meld_subset(meld, args.dialogues, work / "meld_subset")
+    base = load_params(args.params.resolve()).model_dump(mode="json")
     base = with_overrides(
         base,
         {
-            "data.root": str(args.meld.resolve()),
+            "data.root": str(root),
             "data.missing_clip": "text_only",
             "train.epochs": args.epochs,
             "train.patience": args.patience,
         },
     )
     args.out = args.out.resolve()
-    prepare_features(base, args.work.resolve())
+    prepare_features(base, work)
     labels = load_labels(PREPARED / LABELS_FILE)
     graphs, num_relations = load_graphs(GRAPHS)
     splits, encoders = load_dialogues(
@@ -142,6 +240,9 @@ def main() -> None:
         "configs": {},
         "features": encoders["text"],
         "seeds": args.seeds,
+        "dialogues": args.dialogues,  # per split; None: all
+        "utterances": {split: sum(len(d) for d in dialogues) for split, dialogues in splits.items()},
+        "emotions": labels["emotions"],  # the classes scored, in output order (labels.json, not data.emotions)
     }
     print("logistic regression:", results["baseline_logistic_regression"], flush=True)
     for name in args.configs:

@@ -13,11 +13,21 @@ Backends (``audio.backend``):
   uses a small randomly initialised wav2vec2 (``audio.random_init``), logged loudly and recorded.
 * ``opensmile``: openSMILE functionals (``audio.opensmile_set``: IS10, eGeMAPSv02, ComParE_2016), the
   audio features most published IEMOCAP/MELD graph models used; nothing to download.
+* ``prosody``: utterance-level functionals of log-mel energies, pitch and energy computed with librosa
+  (McFee et al. 2015), pitch by pYIN (Mauch & Dixon 2014); a 90-d vector laid out in
+  :func:`prosody_features`; nothing to download. A signal-processing backend: no weights, so never
+  "randomly initialised" (its info records ``pretrained: true`` and ``kind: signal_processing``).
+
+No encoder is loaded when nothing is left to encode (a text-only table, or every utterance found in the
+resume cache): the encoder info (:func:`pipeline.encoders.describe_audio_backend`, the same as the
+loader's) comes from the configuration alone, and random weights are announced only when the table has
+audio.
 
 Masked utterances (reason code): no media (``missing_clip``), a file without an audio stream or an
-empty / too short segment (``no_audio``), a damaged file (``corrupt``), a file cut short
-(``truncated``, unless ``audio.on_truncated: use_partial`` encodes the part that decoded), another
-decoding failure (``decode_error``): see :mod:`pipeline.media`. Each is listed in the report, as are
+empty segment, or audio too short for the encoder or the functionals (``no_audio``), a damaged file
+(``corrupt``), a file cut short (``truncated``, unless ``audio.on_truncated: use_partial`` encodes the
+part that decoded), another decoding failure (``decode_error``; for ``prosody`` also non-finite
+samples or functionals): see :mod:`pipeline.media`. Each is listed in the report, as are
 the utterances encoded from a partial decode (``partial``) and those whose segment end lay beyond
 their media and was clamped to its end (``segment_clamped``). Resumable through
 :class:`pipeline.extraction_cache.ExtractionCache`. Clips are decoded in a background thread a few
@@ -30,6 +40,7 @@ Output: ``<features dir>/audio.safetensors`` and ``audio_report.json``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -38,7 +49,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import AudioParams, Params
-from pipeline.encoders import autocast_dtype, default_device, load_audio_backend
+from pipeline.encoders import (
+    autocast_dtype,
+    default_device,
+    describe_audio_backend,
+    load_audio_backend,
+    warn_random,
+)
 from pipeline.extraction_cache import CACHE_DIR, ExtractionCache
 from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio
 from pipeline.reports import finish_extraction
@@ -47,6 +64,131 @@ from pipeline.utterances import Utterance
 log = logging.getLogger(__name__)
 
 DECODE_AHEAD = 8  # utterances decoded in the background ahead of the encoder (a few MB of audio)
+
+# audio.backend: prosody (see prosody_features)
+PROSODY_N_MELS = 40
+PROSODY_WINDOW_SECONDS = 0.025  # log-mel and RMS analysis window
+PROSODY_HOP_SECONDS = 0.010  # frame step of every frame-level measure
+PROSODY_FMIN_PERIODS = 4  # the pitch frame holds at least this many periods of audio.prosody_fmin
+DB_FLOOR = -100.0  # dB of silence: power floor 1e-10 (log-mel), amplitude floor 1e-5 (RMS)
+# (name, size) of the parts of the vector, in order
+PROSODY_LAYOUT = (
+    ("logmel_mean", PROSODY_N_MELS),
+    ("logmel_std", PROSODY_N_MELS),
+    ("f0", 6),
+    ("rms", 4),
+)
+PROSODY_DIM = sum(size for _, size in PROSODY_LAYOUT)
+PROSODY_F0 = ("f0_mean_hz", "f0_std_hz", "f0_min_hz", "f0_max_hz", "f0_range_hz", "voiced_fraction")
+PROSODY_RMS = ("rms_mean_db", "rms_std_db", "rms_max_db", "rms_delta_db")
+
+
+def prosody_frames(sample_rate: int, fmin: float) -> dict[str, int]:
+    """The analysis sizes (samples) of :func:`prosody_features` at ``sample_rate``.
+
+    ``win`` 25 ms, ``hop`` 10 ms, ``n_fft`` the power of two at or above ``win`` (log-mel and RMS), ``pitch``
+    the power of two holding at least :data:`PROSODY_FMIN_PERIODS` periods of ``fmin`` (pYIN's frame; at
+    16 kHz and 65 Hz: 1024 samples, 64 ms). An utterance shorter than ``pitch`` is too short to analyse.
+    """
+    win = round(PROSODY_WINDOW_SECONDS * sample_rate)
+    return {
+        "win": win,
+        "hop": round(PROSODY_HOP_SECONDS * sample_rate),
+        "n_fft": 1 << math.ceil(math.log2(win)),
+        "pitch": 1 << math.ceil(math.log2(PROSODY_FMIN_PERIODS * sample_rate / fmin)),
+    }
+
+
+def prosody_features(wave: np.ndarray, sample_rate: int, fmin: float = 65.0, fmax: float = 500.0) -> np.ndarray:
+    """Utterance-level prosodic and spectral functionals of a mono waveform (``audio.backend: prosody``).
+
+    Frame-level measures (librosa, McFee et al. 2015; 25 ms windows, 10 ms hop, frames centred, the
+    signal zero-padded at both ends; sizes in :func:`prosody_frames`):
+
+    * log-mel energies: ``librosa.feature.melspectrogram`` (power, Hann window, :data:`PROSODY_N_MELS`
+      Slaney mel bands from 0 Hz to ``sample_rate / 2``), ``librosa.power_to_db`` with ``ref=1.0``
+      (absolute: dB of the mel power of a waveform in [-1, 1]), floor 1e-10 (-100 dB), no ``top_db``
+      clipping; so doubling the amplitude adds 20 log10(2) = 6.02 dB to every band above the floor;
+    * F0: ``librosa.pyin`` (probabilistic YIN, Mauch & Dixon 2014) between ``fmin`` and ``fmax`` Hz
+      (``audio.prosody_fmin`` / ``prosody_fmax``), its Viterbi voicing decision per frame;
+    * energy: ``librosa.feature.rms`` over ``n_fft`` samples, as dB re full scale,
+      20 log10(max(rms, 1e-5)) (floor -100 dB).
+
+    Returns:
+        float32 ``[PROSODY_DIM]`` = 90 (:data:`PROSODY_LAYOUT`), in this order:
+
+        * ``[0:40]`` mean log-mel energy per band over frames (dB), lowest band first;
+        * ``[40:80]`` standard deviation of the log-mel energy per band over frames (dB);
+        * ``[80:86]`` F0 over the voiced frames: mean, standard deviation, minimum, maximum, range
+          (maximum - minimum), all in Hz, then the voiced fraction (voiced frames / frames, 0 to 1). With
+          no voiced frame (silence, noise, whispering) the five F0 values are 0 Hz and the fraction 0;
+        * ``[86:90]`` RMS energy (dB): mean, standard deviation and maximum over frames, then the mean
+          absolute change between consecutive frames (dB per 10 ms; 0 for a single frame).
+
+        Standard deviations are population ones (ddof 0). Deterministic: no randomness, the same input gives
+        the same bytes.
+
+    Raises:
+        ValueError: fewer samples than pYIN's frame (``prosody_frames(...)["pitch"]``), or non-finite samples.
+    """
+    import librosa
+
+    y = np.ascontiguousarray(wave, dtype=np.float32).reshape(-1)
+    sizes = prosody_frames(sample_rate, fmin)
+    if y.size < sizes["pitch"]:
+        raise ValueError(
+            f"{y.size / sample_rate * 1000:.0f} ms of audio: the prosody functionals need at least "
+            f"{sizes['pitch'] / sample_rate * 1000:.0f} ms ({sizes['pitch']} samples)"
+        )
+    if not np.isfinite(y).all():
+        raise ValueError("the waveform holds non-finite samples")
+    mel = librosa.feature.melspectrogram(
+        y=y,
+        sr=sample_rate,
+        n_fft=sizes["n_fft"],
+        hop_length=sizes["hop"],
+        win_length=sizes["win"],
+        n_mels=PROSODY_N_MELS,
+        power=2.0,
+    )
+    logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None).astype(np.float64)  # [bands, frames]
+    f0, voiced, _ = librosa.pyin(
+        y, fmin=fmin, fmax=fmax, sr=sample_rate, frame_length=sizes["pitch"], hop_length=sizes["hop"]
+    )
+    voiced = voiced & np.isfinite(f0)
+    if voiced.any():
+        v = f0[voiced].astype(np.float64)
+        pitch = [v.mean(), v.std(), v.min(), v.max(), v.max() - v.min(), voiced.mean()]
+    else:
+        pitch = [0.0] * 6
+    rms = librosa.feature.rms(y=y, frame_length=sizes["n_fft"], hop_length=sizes["hop"])[0]
+    rms_db = 20.0 * np.log10(np.maximum(rms.astype(np.float64), 1e-5))
+    delta = float(np.abs(np.diff(rms_db)).mean()) if rms_db.size > 1 else 0.0
+    energy = [rms_db.mean(), rms_db.std(), rms_db.max(), delta]
+    return np.concatenate([logmel.mean(1), logmel.std(1), pitch, energy]).astype(np.float32)
+
+
+def prosody_info(settings: AudioParams) -> dict:
+    """The encoder info of ``audio.backend: prosody``: a signal-processing backend, no weights.
+
+    ``pretrained`` is True (nothing randomly initialised: no loud warning, and the metrics do not flag it);
+    ``kind`` says what it is. ``weights_id`` (part of the resume-cache key) names librosa's version: another
+    version may compute other values.
+    """
+    import librosa
+
+    return {
+        "model": (
+            f"librosa prosody functionals: {PROSODY_N_MELS} log-mel bands, pYIN F0 "
+            f"{settings.prosody_fmin:g}-{settings.prosody_fmax:g} Hz, RMS energy"
+        ),
+        "pretrained": True,
+        "kind": "signal_processing",
+        "hidden_size": PROSODY_DIM,
+        "layout": [[name, size] for name, size in PROSODY_LAYOUT],
+        "revision": librosa.__version__,
+        "weights_id": f"librosa@{librosa.__version__}:prosody",
+    }
 
 
 def split_chunks(wave: torch.Tensor, chunk_samples: int) -> list[torch.Tensor]:
@@ -111,6 +253,10 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     A clip cut short is masked (``truncated``) or, with ``audio.on_truncated: use_partial``, encoded
     from the part that decoded, with a warning naming the utterance and the decoded / declared seconds.
 
+    The encoder is loaded only when an utterance with audio is left to encode: the info (and so the
+    resume-cache key) is :func:`pipeline.encoders.describe_audio_backend`'s (or :func:`prosody_info`),
+    identical to the loader's, whether or not the model is loaded.
+
     Returns:
         the stage report, with ``chunked`` ``{utterance_id: chunks}`` (utterances encoded in more than
         one chunk), ``partial`` ``{utterance_id: {"decoded": s, "declared": s}}`` and
@@ -120,7 +266,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     start = time.perf_counter()
     settings = params.audio
     device = default_device()
-    extractor, model, info = load_audio_backend(settings, device)
+    info = prosody_info(settings) if settings.backend == "prosody" else describe_audio_backend(settings)
     info = {
         **info,
         "backend": settings.backend,
@@ -129,8 +275,9 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     }
     if settings.backend == "wav2vec2":
         info["last_k_layers"] = settings.last_k_layers
-        min_samples = min_input_samples(model)
-        batch_size = 1 if getattr(model.config, "feat_extract_norm", "layer") == "group" else settings.batch_size
+    extractor = model = None  # loaded below, only when an utterance with audio is left to encode
+    min_samples, batch_size = 1, settings.batch_size
+    prosody_min = prosody_frames(settings.sample_rate, settings.prosody_fmin)["pitch"]
     chunk_samples = int(settings.chunk_seconds * settings.sample_rate)
     pending: list[tuple[int, str, list[torch.Tensor], dict]] = []  # (row, signature, chunks, decoding notes)
     seconds = 0.0
@@ -167,6 +314,19 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         "audio", settings.model_dump(), info["hidden_size"], cache_root, weights_id=info["weights_id"]
     ) as cache:
         todo = cache.pending_media(utterances, "audio_source")
+        if todo and settings.backend != "prosody":
+            extractor, model, loaded = load_audio_backend(settings, device)
+            if (loaded["weights_id"], loaded["hidden_size"]) != (info["weights_id"], info["hidden_size"]):
+                raise RuntimeError(
+                    f"audio.model {settings.model}: loaded {loaded['weights_id']} ({loaded['hidden_size']}-d), "
+                    f"its configuration said {info['weights_id']} ({info['hidden_size']}-d); run the stage again"
+                )
+            if settings.backend == "wav2vec2":
+                min_samples = min_input_samples(model)
+                if getattr(model.config, "feat_extract_norm", "layer") == "group":
+                    batch_size = 1
+        elif not info["pretrained"] and any(u.audio_source for u in utterances):
+            warn_random("extract_audio (wav2vec2)")  # all from the cache, but the features are still random
         decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
         for (i, signature), result in tqdm(decoded, total=len(todo), desc="extract_audio", unit="utt"):
             utt = utterances[i]
@@ -195,6 +355,23 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
                     cache.put(
                         utt.utterance_id, signature, torch.from_numpy(values.astype(np.float32)), diagnostics=notes
                     )
+                elif settings.backend == "prosody":
+                    if wave.numel() < prosody_min:
+                        raise MediaError(
+                            "no_audio",
+                            utt.audio_source,
+                            f"{wave.numel() / settings.sample_rate * 1000:.0f} ms of audio is too short for the "
+                            f"prosody functionals (at least {prosody_min / settings.sample_rate * 1000:.0f} ms)",
+                        )
+                    try:
+                        values = prosody_features(
+                            wave.numpy(), settings.sample_rate, settings.prosody_fmin, settings.prosody_fmax
+                        )
+                    except ValueError as err:
+                        raise MediaError("decode_error", utt.audio_source, str(err)) from None
+                    if not np.isfinite(values).all():
+                        raise MediaError("decode_error", utt.audio_source, "non-finite prosody functionals")
+                    cache.put(utt.utterance_id, signature, torch.from_numpy(values), diagnostics=notes)
                 elif wave.numel() < min_samples:
                     raise MediaError(
                         "no_audio",

@@ -24,6 +24,14 @@ def setup_logging() -> None:
     )
 
 
+def apply_runtime(params: Params) -> None:
+    """Apply ``runtime.*`` to this process: torch's CPU thread count (``runtime.threads``; unset: torch's default)."""
+    if params.runtime.threads is not None:
+        import torch
+
+        torch.set_num_threads(params.runtime.threads)
+
+
 def run_stage(
     stage: Callable[..., None], description: str, paths: dict[str, str], argv: list[str] | None = None
 ) -> None:
@@ -46,6 +54,7 @@ def run_stage(
     start = time.perf_counter()
     try:
         params: Params = load_params(args.params)
+        apply_runtime(params)
         stage(params, **{name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in paths})
         logging.getLogger(stage.__module__).info("stage finished in %.1f s", time.perf_counter() - start)
     except (ParamsError, OSError, ValueError) as err:  # OSError: missing files, unknown model ids

@@ -86,8 +86,25 @@ class DataParams(_Section):
         return {str(k).strip().lower(): str(val).strip().lower() for k, val in v.items()}
 
 
+class FinetuneParams(_Section):
+    """``text.finetune``: fine-tune the text encoder on the train dialogues (stage ``finetune_text``)."""
+
+    # Off: finetune_text only records that it is off and extract_text uses text.model as it is.
+    enabled: bool = False
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)  # share of the steps with a linear warm-up, then linear decay
+    batch_size: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)  # before the classification heads
+    sentiment_weight: float = Field(0.5, ge=0)  # loss = CE(emotion) + sentiment_weight * CE(sentiment)
+    class_weights: Literal["none", "inverse_frequency"] = "none"
+    patience: int | None = Field(2, ge=1)  # early stopping on dev emotion weighted F1 (null: all epochs)
+    seed: int = 0
+
+
 class TextParams(_Section):
-    """``text``: the utterance text encoder (stage ``extract_text``)."""
+    """``text``: the utterance text encoder (stages ``finetune_text`` and ``extract_text``)."""
 
     # Hugging Face id, a local directory, or ``package:<module>/<dir>`` for a model a pip package ships.
     model: str = "roberta-base"
@@ -107,14 +124,18 @@ class TextParams(_Section):
     cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     # The stage fails when more than this share of utterances has no usable text (empty transcripts).
     max_masked_share: float = Field(0.5, ge=0, le=1)
+    # Fine-tuning on the train split's utterances before extraction (EmoBERTa / CoMPM practice); its
+    # input is the extraction's (text.context_window, pooling, last_k_layers, max_length).
+    finetune: FinetuneParams = FinetuneParams()
 
 
 class AudioParams(_Section):
     """``audio``: the speech features (stage ``extract_audio``)."""
 
     # ``wav2vec2``: any Hugging Face audio encoder (wav2vec2, HuBERT, WavLM), mean-pooled over valid
-    # frames; ``opensmile``: openSMILE functionals (``opensmile_set``), no model download.
-    backend: Literal["wav2vec2", "opensmile"] = "wav2vec2"
+    # frames; ``opensmile``: openSMILE functionals (``opensmile_set``), no model download; ``prosody``:
+    # librosa log-mel, pYIN pitch and RMS energy functionals (90-d, see pipeline.audio_features), no download.
+    backend: Literal["wav2vec2", "opensmile", "prosody"] = "wav2vec2"
     model: str = "facebook/wav2vec2-base"
     revision: str = "main"  # Hub revision of audio.model (see text.revision)
     # When set, build a randomly initialised wav2vec2 with this config instead of loading weights
@@ -122,6 +143,9 @@ class AudioParams(_Section):
     random_init: dict[str, Any] | None = None
     last_k_layers: int = Field(1, ge=1)
     opensmile_set: Literal["IS10", "eGeMAPSv02", "ComParE_2016"] = "IS10"
+    # backend prosody: the pitch (pYIN) search range in Hz; speech F0 lies within about 65-500 Hz.
+    prosody_fmin: float = Field(65.0, gt=0)
+    prosody_fmax: float = Field(500.0, gt=0)
     sample_rate: int = Field(16000, ge=8000)
     # Long utterances are cut into chunks of at most this many seconds; the encoder's frames of all
     # chunks are pooled together. max_seconds (null = no cap) drops audio beyond it.
@@ -137,6 +161,15 @@ class AudioParams(_Section):
     # The stage fails when more than this share of the utterances of data that has audio lost it
     # (missing, corrupt, truncated, silent clips): a broken decoder or a wrong folder, not bad clips.
     max_masked_share: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _prosody_range(self) -> AudioParams:
+        if not self.prosody_fmin < self.prosody_fmax <= self.sample_rate / 2:
+            raise ValueError(
+                f"prosody_fmin ({self.prosody_fmin}) must be below prosody_fmax ({self.prosody_fmax}), "
+                f"and prosody_fmax at most sample_rate / 2 ({self.sample_rate / 2})"
+            )
+        return self
 
 
 class VisualParams(_Section):
@@ -171,12 +204,22 @@ class GraphParams(_Section):
     window_past: int = Field(10, ge=0)
     window_future: int = Field(10, ge=0)
     relations: Literal["speaker_pair", "same_other"] = "same_other"
+    # speaker_pair: a cap. The relation types are sized for the most speakers in any prepared dialogue
+    # (2 * n^2), n <= max_speakers; a dialogue with more speakers than the cap is an error.
     max_speakers: int = Field(9, ge=1)
+
+
+MODALITY_ORDER = ("text", "audio", "visual")  # pipeline.data.MODALITIES: the order the model uses them in
 
 
 class ModelParams(_Section):
     """``model``: the fusion + graph network (stage ``train``); see :mod:`pipeline.modeling`."""
 
+    # Which utterance features the model reads: a non-empty subset of text, audio, visual (given in any
+    # order, used in the order text, audio, visual). The others get no parameters and are ignored.
+    # cross_attention needs two: with one modality it falls back to concat (logged; the fusion that
+    # ran is recorded in the checkpoint and the train metrics as ``fusion``).
+    modalities: list[Literal["text", "audio", "visual"]] = Field(default_factory=lambda: list(MODALITY_ORDER))
     hidden_size: int = Field(128, ge=8, multiple_of=2)
     context: Literal["gru", "transformer", "none"] = "gru"
     fusion: Literal["concat", "cross_attention", "joint_vectors"] = "cross_attention"
@@ -189,6 +232,15 @@ class ModelParams(_Section):
     # device), or auto = DGL where the installed DGL supports the device, torch otherwise. Both give
     # the same parameters (state_dict) and outputs.
     graph_backend: Literal["auto", "dgl", "torch"] = "auto"
+
+    @field_validator("modalities")
+    @classmethod
+    def _modality_set(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"name at least one modality of {list(MODALITY_ORDER)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each modality at most once, got {v}")
+        return [m for m in MODALITY_ORDER if m in v]
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelParams:
@@ -214,6 +266,14 @@ class TrainParams(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(40, ge=1)
     warmup_epochs: int = Field(2, ge=0)
+    # After the linear warm-up: ``constant`` lr; ``cosine`` decay to min_lr_ratio * lr at the last epoch
+    # (per step; Loshchilov & Hutter 2017, without restarts); ``plateau``: lr * plateau_factor once
+    # plateau_patience epochs in a row bring no better dev weighted F1 (torch's ReduceLROnPlateau), not
+    # below min_lr_ratio * lr. See pipeline.train.LRSchedule.
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(2, ge=1)
     patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better dev weighted F1
     batch_dialogues: int = Field(4, ge=1)
     grad_clip: float = Field(1.0, gt=0)
@@ -223,8 +283,35 @@ class TrainParams(_Section):
     amp: Literal["none", "bfloat16", "float16"] = "none"
 
 
+class EvaluateParams(_Section):
+    """``evaluate``: scoring a model on prepared data with other emotion classes than the model's
+    (cross-corpus evaluation, e.g. an IEMOCAP model on MELD; see :mod:`pipeline.evaluate`)."""
+
+    # model emotion class -> target emotion class, read only when the data evaluate scores has other
+    # classes than the checkpoint. Probabilities of the model classes mapped to one target class are
+    # summed; a model class left out is dropped; target utterances whose class nothing maps to are
+    # left out of the scores and counted. Keys must be model classes, values target classes.
+    label_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("label_map")
+    @classmethod
+    def _lower(cls, v: dict[str, str]) -> dict[str, str]:
+        return {str(k).strip().lower(): str(val).strip().lower() for k, val in v.items()}  # as prepare's labels
+
+
+class RuntimeParams(_Section):
+    """``runtime``: how the stages run on this machine, not what they compute. No stage lists it in
+    ``dvc.yaml``, so changing it re-runs nothing."""
+
+    # torch's intra-op CPU threads in every stage (torch.set_num_threads). null: torch's default (one
+    # per core). On a machine shared with other work, 1 avoids oversubscription (measured on a busy
+    # 2-core machine: 225 s per training epoch with the default, 28.8 s with 1, identical numbers).
+    # The last float digits of CPU results can depend on the thread count.
+    threads: int | None = Field(None, ge=1)
+
+
 class Params(_Section):
-    """The whole ``params.yaml``: one section per stage."""
+    """The whole ``params.yaml``: one section per stage, and ``runtime``."""
 
     data: DataParams = DataParams()
     text: TextParams = TextParams()
@@ -234,6 +321,8 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     loss: LossParams = LossParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    runtime: RuntimeParams = RuntimeParams()
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:

@@ -2,7 +2,10 @@
 
 Every loader returns ``(…, info)`` where ``info`` is a dict recorded in the feature file, the stage
 report and the final metrics: ``{"model": ..., "pretrained": bool}``. A stage that runs on randomly
-initialised weights logs a loud warning; its features carry no learned knowledge.
+initialised weights logs a loud warning; its features carry no learned knowledge. ``pretrained`` is
+False only for random weights: signal-processing backends (openSMILE, the prosody functionals) have no
+weights to lack and record True. The ``describe_*`` functions return the same info without reading,
+downloading or building any weights (and without the warning), for stages with nothing to encode.
 
 Model references (``text.model``, ``audio.model``) are a Hugging Face id (``roberta-base``), a local
 directory, or ``package:<python module>/<sub dir>`` for a model directory that a pip package ships
@@ -100,11 +103,14 @@ def hash_files(path: str | Path) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def weights_identity(spec: str, path: str, revision: str | None, model: torch.nn.Module) -> dict:
-    """``{"revision", "weights_id"}`` of weights loaded from ``path`` (see the module docstring)."""
+def weights_identity(spec: str, path: str, revision: str | None, model: Any) -> dict:
+    """``{"revision", "weights_id"}`` of weights loaded from ``path`` (see the module docstring).
+
+    ``model``: the loaded model, or only its configuration (``AutoConfig``; the same commit hash).
+    """
     if Path(path).exists():
         return {"revision": None, "weights_id": hash_files(path)}
-    resolved = getattr(model.config, "_commit_hash", None) or revision
+    resolved = getattr(getattr(model, "config", model), "_commit_hash", None) or revision
     return {"revision": resolved, "weights_id": f"{spec}@{resolved}"}
 
 
@@ -142,6 +148,28 @@ def load_text_encoder(
     )
 
 
+def describe_audio_encoder(spec: str, random_init: dict | None, revision: str | None = None) -> dict:
+    """The info :func:`load_audio_encoder` returns, from the configuration alone: no weights are read or
+    built and nothing is logged (a Hub model's ``config.json`` is read, for its size and commit)."""
+    from transformers import AutoConfig, Wav2Vec2Config
+
+    if random_init is not None:
+        return {
+            "model": f"random wav2vec2 {random_init}",
+            "pretrained": False,
+            **random_identity("wav2vec2", random_init),
+            "hidden_size": Wav2Vec2Config(**random_init).hidden_size,
+        }
+    path = resolve_model_path(spec)
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    return {
+        "model": spec,
+        "pretrained": True,
+        **weights_identity(spec, path, revision, config),
+        "hidden_size": config.hidden_size,
+    }
+
+
 def load_audio_encoder(
     spec: str, random_init: dict | None, device: torch.device, revision: str | None = None
 ) -> tuple[Any, torch.nn.Module, dict]:
@@ -152,27 +180,32 @@ def load_audio_encoder(
     warning is logged.
 
     Returns:
-        (feature extractor, model in eval mode on ``device``, info).
+        (feature extractor, model in eval mode on ``device``, info: :func:`describe_audio_encoder`'s).
     """
     from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+    info = describe_audio_encoder(spec, random_init, revision)
     if random_init is not None:
         torch.manual_seed(0)
         model = Wav2Vec2Model(Wav2Vec2Config(**random_init))
         extractor = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
         warn_random("extract_audio (wav2vec2)")
-        info = {
-            "model": f"random wav2vec2 {random_init}",
-            "pretrained": False,
-            **random_identity("wav2vec2", random_init),
-        }
     else:
         path = resolve_model_path(spec)
         model = AutoModel.from_pretrained(path, revision=revision)
         extractor = AutoFeatureExtractor.from_pretrained(path, revision=revision)
-        info = {"model": spec, "pretrained": True, **weights_identity(spec, path, revision, model)}
-    info["hidden_size"] = model.config.hidden_size
+    if model.config.hidden_size != info["hidden_size"]:
+        raise ValueError(
+            f"{spec}: hidden size {model.config.hidden_size}, its configuration says {info['hidden_size']}"
+        )
     return extractor, model.to(device).eval(), info
+
+
+def describe_audio_backend(settings) -> dict:
+    """The info :func:`load_audio_backend` returns, without reading or building weights (and no warning)."""
+    if settings.backend == "wav2vec2":
+        return describe_audio_encoder(settings.model, settings.random_init, settings.revision)
+    return load_audio_backend(settings, torch.device("cpu"))[2]
 
 
 def load_audio_backend(settings, device: torch.device) -> tuple[Any, Any, dict]:
@@ -182,12 +215,18 @@ def load_audio_backend(settings, device: torch.device) -> tuple[Any, Any, dict]:
     ``opensmile``: an ``opensmile.Smile`` computing the functionals of ``audio.opensmile_set``
     (IS10 paralinguistics 1582-d, Schuller et al. 2010; eGeMAPSv02 88-d, Eyben et al. 2016;
     ComParE_2016 6373-d), which ship with the ``opensmile`` package (audEERING research licence).
+    ``prosody`` has nothing to load: :func:`pipeline.audio_features.prosody_features` computes it.
 
     Returns:
         (extractor, model or None for opensmile, info with ``hidden_size`` = the feature size).
+
+    Raises:
+        ValueError: for ``prosody``.
     """
     if settings.backend == "wav2vec2":
         return load_audio_encoder(settings.model, settings.random_init, device, settings.revision)
+    if settings.backend != "opensmile":
+        raise ValueError(f"audio.backend={settings.backend} has no model to load")
     import opensmile
 
     smile = opensmile.Smile(
@@ -204,6 +243,49 @@ def load_audio_backend(settings, device: torch.device) -> tuple[Any, Any, dict]:
             "weights_id": f"opensmile@{opensmile.__version__}:{settings.opensmile_set}",
         },
     )
+
+
+def _face_weights_file(weights: str) -> Path:
+    """``visual.face_weights`` as a local state dict path. Raises: FileNotFoundError when there is no such file."""
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"visual.face_weights={weights}: no such file; give a state dict path, "
+            f"{' or '.join(FACENET_PRETRAINED)}, or 'random'"
+        )
+    return path
+
+
+def describe_face_models(weights: str) -> dict:
+    """The face embedder's info for a stage with no clip to embed: nothing is downloaded, read or built,
+    and nothing is logged.
+
+    The same as :func:`load_face_models`' info for ``random`` and a local state dict (its hash, unchecked);
+    for ``vggface2`` / ``casia-webface``, whose file may not be on disk, the release address stands for
+    the weights (as :func:`load_face_models` records when it cannot find the downloaded file).
+
+    Raises:
+        FileNotFoundError: a local weights path that does not exist.
+    """
+    if weights == "random":
+        info = {"model": "InceptionResnetV1 (random init)", "pretrained": False, **random_identity("InceptionResnetV1")}
+    elif weights in FACENET_PRETRAINED:
+        info = {
+            "model": f"InceptionResnetV1 {weights}",
+            "pretrained": True,
+            "revision": FACENET_URL,
+            "weights_id": f"{FACENET_URL}",
+        }
+    else:
+        path = _face_weights_file(weights)
+        info = {
+            "model": f"InceptionResnetV1 {path}",
+            "pretrained": True,
+            "revision": None,
+            "weights_id": hash_files(path),
+        }
+    info["hidden_size"] = 512
+    return info
 
 
 def load_face_models(weights: str, min_face_prob: float, device: torch.device) -> tuple[Any, torch.nn.Module, dict]:
@@ -254,12 +336,7 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
             "weights_id": hash_files(cached[0]) if cached else f"{FACENET_URL}",
         }
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"visual.face_weights={weights}: no such file; give a state dict path, "
-                f"{' or '.join(FACENET_PRETRAINED)}, or 'random'"
-            )
+        path = _face_weights_file(weights)
         embedder = InceptionResnetV1(pretrained=None)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,12 +3,14 @@
 A reconstruction of the two papers' architecture from their abstracts and the field's public code
 (see ``../shared/notes/model.md`` and the README's "Model" section); it is not the authors' code.
 
-    per modality m in (text, audio, visual):
+    per modality m in model.modalities (default text, audio, visual; the others have no parameters
+    and their features are never read):
         ModalityEncoder      [N, D_m] -> [N, H]    projection, learned "missing" embedding, dialogue
                                                     context (bi-GRU or transformer)
     CrossModalFusion         {m: [N, H]} -> [N, H]  text-anchored cross-attention both ways (paper 000,
                                                     MultiEMO's bidirectional cross-attention), joint
-                                                    vectors (paper 001), or concat
+                                                    vectors (paper 001), or concat; with a single
+                                                    modality cross_attention falls back to concat
     DialogueGraphEncoder     [N, H] -> [N, H]       RelGraphConv (basis) + GraphConv over the dialogue
                                                     graph, edge weights from node features ("adaptive",
                                                     paper 000) or fixed 1/in-degree ("gcn"); DGL's
@@ -130,7 +132,7 @@ class JointVectorFusion(nn.Module):
     """Fusion through learnable joint vectors (paper 001's "connection vectors", rebuilt as an attention
     bottleneck): ``K`` learned vectors attend over the modality tokens of each utterance.
 
-    ``tokens``: ``[N, M, H]`` (M = 3 modalities), ``present``: ``[N, M]``; a missing modality is not
+    ``tokens``: ``[N, M, H]`` (M = the model's modalities, 1 to 3), ``present``: ``[N, M]``; a missing modality is not
     attended to. Output ``[N, K * H]`` (the K attended vectors, concatenated).
     """
 
@@ -148,22 +150,54 @@ class JointVectorFusion(nn.Module):
         return self.norm(queries + attended).flatten(1)  # [N, K * H]
 
 
+def resolve_fusion(mode: str, modalities: tuple[str, ...] | list[str]) -> str:
+    """The fusion that runs for ``model.fusion`` = ``mode`` over ``modalities``: ``mode`` itself, except
+    ``cross_attention`` with a single modality (nothing to attend to), which falls back to ``concat``
+    (a projection of the one stream) with a warning."""
+    if mode == "cross_attention" and len(modalities) < 2:
+        log.warning(
+            "model.fusion=cross_attention needs at least 2 modalities, model.modalities=%s has 1: "
+            "fusing with concat (a projection of its stream)",
+            list(modalities),
+        )
+        return "concat"
+    return mode
+
+
 class CrossModalFusion(nn.Module):
-    """Fuses the modality streams ``{m: [N, H]}`` into ``[N, H]`` (``model.fusion``).
+    """Fuses the modality streams ``{m: [N, H]}`` of ``modalities`` into ``[N, H]`` (``model.fusion``).
 
     * ``cross_attention`` (paper 000's cross-modal context fusion, rebuilt after MultiEMO's
-      bidirectional multi-head cross-attention, TaoShi1998/MultiEMO): within each dialogue, text attends
-      to audio and to visual, audio and visual attend to text; the four aligned streams are concatenated
-      and projected;
-    * ``joint_vectors`` (paper 001): :class:`JointVectorFusion` over the three modality tokens;
-    * ``concat``: the baseline, the three streams concatenated and projected.
+      bidirectional multi-head cross-attention, TaoShi1998/MultiEMO): within each dialogue, the anchor
+      (text, or the first modality without text) attends to each other modality and each other modality
+      attends to the anchor; the ``2 * (M - 1)`` aligned streams (4 for all three) are concatenated and
+      projected;
+    * ``joint_vectors`` (paper 001): :class:`JointVectorFusion` over the M modality tokens;
+    * ``concat``: the baseline, the M streams concatenated and projected.
+
+    ``modalities``: in the order text, audio, visual (``model.modalities``); the streams of others are
+    never read. Raises ValueError for ``cross_attention`` with fewer than 2 (:func:`resolve_fusion` first).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, mode: str, num_joint_vectors: int = 4):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        dropout: float,
+        mode: str,
+        num_joint_vectors: int = 4,
+        modalities: tuple[str, ...] = MODALITIES,
+    ):
         super().__init__()
         self.mode = mode
+        self.modalities = tuple(modalities)
         if mode == "cross_attention":
-            self.pairs = [("text", "audio"), ("text", "visual"), ("audio", "text"), ("visual", "text")]
+            if len(self.modalities) < 2:
+                raise ValueError(f"cross_attention fusion needs at least 2 modalities, got {list(self.modalities)}")
+            anchor = "text" if "text" in self.modalities else self.modalities[0]
+            others = [m for m in self.modalities if m != anchor]
+            # all three: (text, audio), (text, visual), (audio, text), (visual, text)
+            self.pairs = [(anchor, m) for m in others] + [(m, anchor) for m in others]
             self.attend = nn.ModuleDict(
                 {f"{q}_{k}": CrossModalAttention(hidden_size, num_heads, dropout) for q, k in self.pairs}
             )
@@ -172,7 +206,7 @@ class CrossModalFusion(nn.Module):
             self.joint = JointVectorFusion(hidden_size, num_heads, dropout, num_joint_vectors)
             n_streams = num_joint_vectors
         else:
-            n_streams = len(MODALITIES)
+            n_streams = len(self.modalities)
         self.out = nn.Sequential(
             nn.Linear(n_streams * hidden_size, hidden_size), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(hidden_size)
         )
@@ -181,16 +215,16 @@ class CrossModalFusion(nn.Module):
         self, streams: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lengths: list[int]
     ) -> torch.Tensor:
         if self.mode == "concat":
-            return self.out(torch.cat([streams[m] for m in MODALITIES], dim=-1))
+            return self.out(torch.cat([streams[m] for m in self.modalities], dim=-1))  # [N, M * H] -> [N, H]
         if self.mode == "joint_vectors":
-            tokens = torch.stack([streams[m] for m in MODALITIES], dim=1)  # [N, 3, H]
-            present = torch.stack([masks[m] for m in MODALITIES], dim=1)  # [N, 3]
+            tokens = torch.stack([streams[m] for m in self.modalities], dim=1)  # [N, M, H]
+            present = torch.stack([masks[m] for m in self.modalities], dim=1)  # [N, M]
             return self.out(self.joint(tokens, present))
         padded, valid = {}, {}
-        for m in MODALITIES:
+        for m in self.modalities:
             padded[m], in_dialogue = pad_dialogues(streams[m], lengths)  # [B, T, H], [B, T]
             valid[m] = pad_dialogues(masks[m], lengths)[0] & in_dialogue  # padding is False
-        aligned = [self.attend[f"{q}_{k}"](padded[q], padded[k], valid[k]) for q, k in self.pairs]  # 4 x [B, T, H]
+        aligned = [self.attend[f"{q}_{k}"](padded[q], padded[k], valid[k]) for q, k in self.pairs]  # P x [B, T, H]
         return self.out(unpad_dialogues(torch.cat(aligned, dim=-1), in_dialogue))  # [N, H]
 
 
@@ -297,8 +331,16 @@ class DialogueGraphEncoder(nn.Module):
         ``dgl`` backend only (moved to ``h``'s device if it is elsewhere). Returns ``[N, H]``.
 
         Raises:
-            ValueError: the ``dgl`` backend without ``graph``.
+            ValueError: the ``dgl`` backend without ``graph``; a relation type beyond the layer's count
+                (graphs built for another relation scheme or speaker count, see :mod:`pipeline.graphs`).
         """
+        relations = self._sizes[1]
+        if rel_type.numel() and int(rel_type.max()) >= relations:  # else: an index error (CUDA: device assert)
+            raise ValueError(
+                f"the dialogue graphs have relation type {int(rel_type.max())}, the model {relations} relation "
+                "types: graphs built for another graph.relations or speaker count than the model was trained "
+                "with (speaker_pair: build them with the checkpoint's relation_speakers)"
+            )
         if self.backend == "dgl":
             if graph is None:
                 raise ValueError("the dgl graph backend needs the DGL graph (graph=...); use backend torch without it")
@@ -328,7 +370,8 @@ class ERCModel(nn.Module):
     """Fusion + graph ERC model; see the module docstring for the data flow.
 
     Args:
-        input_sizes: modality -> feature size ``D_m`` (text, audio, visual).
+        input_sizes: modality -> feature size ``D_m``; the modalities of ``config.modalities`` must be
+            there, others are ignored.
         num_emotions / num_sentiments: class counts of the two heads.
         num_relations: relation types of the dialogue graphs (ignored when ``config.graph == "none"``).
         config: the ``model`` section of ``params.yaml``.
@@ -341,9 +384,13 @@ class ERCModel(nn.Module):
     inputs: a model built for the CPU (DGL) and moved to CUDA switches to ``torch`` at its first forward
     there, keeping its parameters. :meth:`set_graph_backend` switches explicitly.
 
+    :attr:`modalities` are the modalities the model reads (``config.modalities``, in the order text,
+    audio, visual), :attr:`fusion_used` the fusion that runs (:func:`resolve_fusion`).
+
     Raises:
         ValueError: an unknown backend, or ``dgl`` on a device the installed DGL cannot use (at
-            construction, or at a forward on such a device).
+            construction, or at a forward on such a device); ``input_sizes`` without one of the
+            model's modalities.
     """
 
     def __init__(
@@ -361,13 +408,20 @@ class ERCModel(nn.Module):
         self.graph_backend_requested = graph_backend or config.graph_backend
         self._backend_device = torch.device("cpu" if device is None else device)
         backend = resolve_graph_backend(self.graph_backend_requested, self._backend_device)
+        self.modalities = tuple(m for m in MODALITIES if m in config.modalities)
+        missing = [m for m in self.modalities if m not in input_sizes]
+        if missing:
+            raise ValueError(f"no feature size for modality {missing} of model.modalities={list(self.modalities)}")
         self.encoders = nn.ModuleDict(
             {
                 m: ModalityEncoder(input_sizes[m], h, config.dropout, config.context, config.num_heads)
-                for m in MODALITIES
+                for m in self.modalities
             }
         )
-        self.fusion = CrossModalFusion(h, config.num_heads, config.dropout, config.fusion, config.num_joint_vectors)
+        self.fusion_used = resolve_fusion(config.fusion, self.modalities)
+        self.fusion = CrossModalFusion(
+            h, config.num_heads, config.dropout, self.fusion_used, config.num_joint_vectors, self.modalities
+        )
         self.graph = (
             None
             if config.graph == "none"
@@ -415,7 +469,8 @@ class ERCModel(nn.Module):
             )
 
     def forward(self, batch: DialogueBatch) -> ERCOutput:
-        streams = {m: self.encoders[m](batch.features[m], batch.masks[m], batch.lengths) for m in MODALITIES}
+        """The batch's features of :attr:`modalities` only (others may be absent). Returns :class:`ERCOutput`."""
+        streams = {m: self.encoders[m](batch.features[m], batch.masks[m], batch.lengths) for m in self.modalities}
         fused = self.fusion(streams, batch.masks, batch.lengths)  # [N, H]
         if self.graph is None:
             rep = fused

@@ -60,15 +60,15 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline import audio_features, text_features, visual_features
 from pipeline.atomic import atomic_path, write_json
-from pipeline.cli import setup_logging
+from pipeline.cli import apply_runtime, setup_logging
 from pipeline.config import DEFAULT_PARAMS, DataParams, Params, ParamsError, load_params
 from pipeline.data import MODALITIES, batches, load_dialogues
 from pipeline.datasets import DatasetError, read_manifest
 from pipeline.encoders import default_device, resolve_model_path
-from pipeline.extraction_cache import CACHE_DIR, RUNTIME_ONLY
+from pipeline.extraction_cache import CACHE_DIR
 from pipeline.feature_table import feature_path, load_table
 from pipeline.graphs import build_dialogue_graph
-from pipeline.inference import build_model, load_checkpoint
+from pipeline.inference import build_model, check_feature_params, load_checkpoint
 from pipeline.media import MediaError, load_audio
 from pipeline.utterances import Utterance
 
@@ -82,37 +82,6 @@ TASKS = ("emotion", "sentiment")
 ASR_HINT = "pass --transcript FILE with the utterances' text, or --asr-model with a local model directory"
 # OWASP (CSV Injection): a cell starting with one of these is run as a formula by spreadsheets.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def check_feature_params(checkpoint: dict, params: Params, checkpoint_path: Path | str) -> None:
-    """Refuse params whose feature settings differ from those the checkpoint was trained on.
-
-    Raises:
-        ValueError: listing every differing key (``text.pooling: checkpoint mean, params cls``) and what
-            to do; also for checkpoints from before feature settings were recorded.
-    """
-    recorded = checkpoint.get("feature_params")
-    if not recorded or any(recorded.get(s) is None for s in (*MODALITIES, "graph")):
-        raise ValueError(
-            f"{checkpoint_path}: the checkpoint does not record its feature settings "
-            "(trained by an older version); retrain it (`dvc repro train`)"
-        )
-    diffs = []
-    for section in (*MODALITIES, "graph"):
-        given = getattr(params, section).model_dump(mode="json")
-        # A setting added after the checkpoint was trained counts as its default (what that code did).
-        defaults = type(getattr(params, section))().model_dump(mode="json")
-        for key in sorted(set(recorded[section]) | set(given)):
-            trained = recorded[section].get(key, defaults.get(key))
-            if key not in RUNTIME_ONLY and trained != given.get(key):
-                diffs.append(f"{section}.{key}: checkpoint {trained!r}, params {given.get(key)!r}")
-    if diffs:
-        raise ValueError(
-            f"{checkpoint_path} was trained on features made with other settings than the params "
-            "given:\n  "
-            + "\n  ".join(diffs)
-            + "\nPass the params.yaml of the run that trained it (--params), or retrain."
-        )
 
 
 def one_line(err: BaseException, limit: int = 200) -> str:
@@ -406,12 +375,15 @@ def transcribe(utterances: list[Utterance], asr_model: str, device: torch.device
     return out, failed
 
 
-def predict(utterances: list[Utterance], params: Params, checkpoint: dict, work_dir: Path) -> dict:
+def predict(
+    utterances: list[Utterance], params: Params, checkpoint: dict, work_dir: Path, text_encoder: Path | None = None
+) -> dict:
     """Extract features for ``utterances``, build their graphs and run the checkpoint's model.
 
     Args:
         utterances: unlabelled (empty emotion / sentiment), in dialogue order.
         checkpoint: as :func:`open_checkpoint` returns it (checked against ``params``).
+        text_encoder: finetune_text's output, read when ``text.finetune.enabled``.
 
     Returns:
         ``{"rows": [per-utterance dict], "skipped": [{"utterance_id", "reasons"}], "encoders": {...},
@@ -422,27 +394,36 @@ def predict(utterances: list[Utterance], params: Params, checkpoint: dict, work_
         ValueError: no utterance has a usable modality.
     """
     features_dir, cache_root = work_dir / "features", work_dir / "cache"
-    for features in (text_features, audio_features, visual_features):
+    text_features.extract(utterances, params, features_dir, cache_root, text_encoder=text_encoder)
+    for features in (audio_features, visual_features):
         features.extract(utterances, params, features_dir, cache_root)
     tables = {m: load_table(feature_path(m, features_dir)) for m in MODALITIES}
     status = {}
     for m, table in tables.items():
         for uid, reason in zip(table.utterance_ids, table.reasons):
             status.setdefault(uid, {})[m] = reason
-    usable = [u for u in utterances if "ok" in status[u.utterance_id].values()]
+    used = checkpoint.get("modalities", MODALITIES)  # the modalities the model reads (model.modalities)
+    usable = [u for u in utterances if any(status[u.utterance_id][m] == "ok" for m in used)]
     skipped = [
         {"utterance_id": u.utterance_id, "reasons": status[u.utterance_id]}
         for u in utterances
-        if "ok" not in status[u.utterance_id].values()
+        if not any(status[u.utterance_id][m] == "ok" for m in used)
     ]
     for s in skipped:
-        log.warning("%s: no usable modality (%s); left out of the predictions", s["utterance_id"], s["reasons"])
+        log.warning(
+            "%s: no usable modality among the model's %s (%s); left out of the predictions",
+            s["utterance_id"],
+            list(used),
+            s["reasons"],
+        )
     if not usable:
         raise ValueError("no utterance has a usable modality (see the warnings above); nothing to predict")
     graphs: dict = {}
     for u in usable:
         graphs.setdefault(u.dialogue_id, []).append(u.speaker)
-    graphs = {d: build_dialogue_graph(speakers, params.graph) for d, speakers in graphs.items()}
+    # speaker_pair relations are sized by the speakers the model was trained with (None: graph.max_speakers)
+    speakers_trained = checkpoint.get("relation_speakers")
+    graphs = {d: build_dialogue_graph(speakers, params.graph, speakers_trained) for d, speakers in graphs.items()}
     emotions, sentiments = checkpoint["emotions"], checkpoint["sentiments"]
     splits, encoders = load_dialogues(emotions, sentiments, usable, features_dir, graphs)
     device = default_device()
@@ -559,6 +540,13 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for predictions.csv and predictions.json (default: %(default)s)",
     )
     parser.add_argument(
+        "--text-encoder",
+        type=Path,
+        default=Path("models/text_encoder"),
+        help="the fine-tuned text encoder of the run (finetune_text), read when text.finetune.enabled "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--work",
         type=Path,
         default=CACHE_DIR.parent / "predict",
@@ -576,12 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Every input is checked here, before the extraction that takes minutes.
         params = load_params(args.params)
+        apply_runtime(params)
         if not args.clips.is_dir():
             raise DatasetError(f"--clips {args.clips}: not a directory; give the folder of the media files")
         for option, path in (("--out", args.out), ("--work", args.work)):
             if path.exists() and not path.is_dir():
                 raise DatasetError(f"{option} {path}: is a file, not a folder; give another path")
         checkpoint = open_checkpoint(args.checkpoint, params)
+        text_features.encoder_spec(params, args.text_encoder)  # a missing fine-tuned encoder fails here
         failed: dict = {}
         if args.transcript is not None:
             if not args.transcript.exists():
@@ -598,7 +588,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("no transcript: transcribing %d clips with %s", len(utterances), args.asr_model)
             utterances, failed = transcribe(utterances, asr_model, default_device())
             source = "asr"
-        result = predict(utterances, params, checkpoint, args.work)
+        dialogues: dict[str, list[str]] = {}
+        for u in utterances:
+            dialogues.setdefault(u.dialogue_id, []).append(u.speaker)
+        for speakers in dialogues.values():  # more speakers than a speaker_pair model knows: fail before extracting
+            build_dialogue_graph(speakers, params.graph, checkpoint.get("relation_speakers"))
+        result = predict(utterances, params, checkpoint, args.work, args.text_encoder)
         for row in result["rows"]:
             row["text_source"] = source
         scores = score(result["rows"], gold)

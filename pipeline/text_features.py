@@ -27,8 +27,10 @@ Output: ``<features dir>/text.safetensors`` and ``text_report.json`` (see :mod:`
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -83,6 +85,45 @@ def encoder_inputs(utterances: list[Utterance], context_window: int) -> list[tup
     return out
 
 
+def tokenize_inputs(
+    inputs: list[tuple[str, str | None]], tokenizer, settings: TextParams
+) -> tuple[Any, torch.Tensor, dict[int, int]]:
+    """Tokenize ``(text, context or None)`` inputs as the encoder sees them (extraction and fine-tuning).
+
+    Without ``text.context_window`` the text alone; with it always a pair (an empty context for a lone
+    utterance, so that an utterance's input never depends on its batch neighbours), cut to
+    ``text.max_length`` (never past the encoder's position embeddings) with ``longest_first``, which
+    cuts the longer segment first and never fails on an utterance longer than ``max_length``.
+
+    Returns:
+        (the padded batch, ``input_ids`` etc. ``[B, T]``; ``token_mask`` ``[B, T]``, 1 on the tokens to
+        pool: the utterance's own segment (sequence 0) with a context, else every real token; ``cut``
+        ``{position in inputs: own tokens before the cut}`` for the inputs whose own tokens were cut).
+    """
+    max_length = min(settings.max_length, tokenizer.model_max_length)
+    texts = [text for text, _ in inputs]
+    if settings.context_window > 0:
+        batch = tokenizer(
+            texts,
+            [context or "" for _, context in inputs],
+            padding=True,
+            truncation="longest_first",
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        # pool over the utterance's own tokens: sequence 0 (the context is sequence 1)
+        token_mask = torch.tensor([[s == 0 for s in batch.sequence_ids(b)] for b in range(len(inputs))])
+        kept = token_mask.sum(1)
+    else:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        token_mask = batch["attention_mask"]
+        kept = token_mask.sum(1) - tokenizer.num_special_tokens_to_add(pair=False)
+    # the utterance's own tokens before truncation (verbose=False: no warning for long inputs)
+    own = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    cut = {k: n for k, (n, kept_k) in enumerate(zip(own, kept.tolist())) if kept_k < n}
+    return batch, token_mask, cut
+
+
 @torch.inference_mode()
 def encode_texts(
     inputs: list[tuple[str, str | None]],
@@ -93,7 +134,7 @@ def encode_texts(
     on_batch=None,
     progress: bool = True,
 ) -> torch.Tensor | None:
-    """Encode ``(text, context or None)`` inputs in length-sorted batches.
+    """Encode ``(text, context or None)`` inputs in length-sorted batches (:func:`tokenize_inputs`).
 
     Args:
         on_batch: if given, called as ``on_batch(indices, features [b, D], cut)`` after each batch, and
@@ -105,36 +146,14 @@ def encode_texts(
     Returns:
         ``[len(inputs), hidden_size]`` float32 on the CPU in the order of ``inputs`` (None with ``on_batch``).
     """
-    max_length = min(settings.max_length, tokenizer.model_max_length)  # never past the position embeddings
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]) + len(inputs[i][1] or ""))
     out = None if on_batch else torch.zeros(len(inputs), model.config.hidden_size)
     dtype = autocast_dtype(settings.cuda_dtype, device)
     with tqdm(total=len(inputs), desc="extract_text", unit="utt", disable=not progress) as bar:
         for start in range(0, len(order), settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            texts = [inputs[i][0] for i in idx]
-            contexts = [inputs[i][1] for i in idx]
-            if settings.context_window > 0:  # always pairs (an empty context for a lone utterance), so that
-                # an utterance's input never depends on its batch neighbours; longest_first cuts the longer
-                # segment first and never fails on an utterance longer than max_length
-                batch = tokenizer(
-                    texts,
-                    [c or "" for c in contexts],
-                    padding=True,
-                    truncation="longest_first",
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                # pool over the utterance's own tokens: sequence 0 (the context is sequence 1)
-                token_mask = torch.tensor([[s == 0 for s in batch.sequence_ids(b)] for b in range(len(idx))])
-                kept = token_mask.sum(1)
-            else:
-                batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-                token_mask = batch["attention_mask"]
-                kept = token_mask.sum(1) - tokenizer.num_special_tokens_to_add(pair=False)
-            # the utterance's own tokens before truncation (verbose=False: no warning for long inputs)
-            own = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-            cut = {i: n for i, n, k in zip(idx, own, kept.tolist()) if k < n}
+            batch, token_mask, cut = tokenize_inputs([inputs[i] for i in idx], tokenizer, settings)
+            cut = {idx[k]: n for k, n in cut.items()}
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 outputs = model(**batch, output_hidden_states=settings.last_k_layers > 1)
@@ -151,11 +170,38 @@ def encode_texts(
     return out
 
 
-def extract(utterances: list[Utterance], params: Params, features_dir: Path, cache_root: Path = CACHE_DIR) -> dict:
+def encoder_spec(params: Params, text_encoder: Path | None) -> str:
+    """The encoder to extract with: ``text.model``, or with ``text.finetune.enabled`` the fine-tuned copy
+    that ``finetune_text`` wrote into ``text_encoder`` (``models/text_encoder``).
+
+    Raises:
+        FileNotFoundError: fine-tuning is on but ``text_encoder`` holds no fine-tuned encoder of
+            ``text.model`` (run ``dvc repro finetune_text``).
+    """
+    if not params.text.finetune.enabled:
+        return params.text.model
+    info_file = Path(text_encoder) / "finetune.json" if text_encoder is not None else None
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file is not None and info_file.is_file() else {}
+    if not info.get("enabled") or info.get("base_model") != params.text.model:
+        raise FileNotFoundError(
+            f"text.finetune.enabled is true but {text_encoder} holds no encoder fine-tuned from {params.text.model}; "
+            "run the finetune_text stage first (`dvc repro finetune_text`)"
+        )
+    return str(text_encoder)
+
+
+def extract(
+    utterances: list[Utterance],
+    params: Params,
+    features_dir: Path,
+    cache_root: Path = CACHE_DIR,
+    text_encoder: Path | None = None,
+) -> dict:
     """Encode every utterance's text into ``<features_dir>/text.safetensors`` (+ report); mask empty ones.
 
-    Resumes from ``cache_root``: utterances already encoded with the same input and ``text.*`` are
-    not encoded again.
+    The encoder is ``text.model``, or the fine-tuned one in ``text_encoder`` (:func:`encoder_spec`).
+    Resumes from ``cache_root``: utterances already encoded with the same input, ``text.*`` and encoder
+    weights are not encoded again.
 
     Returns:
         the stage report (see :func:`pipeline.reports.finish_extraction`), with
@@ -168,7 +214,10 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     """
     start = time.perf_counter()
     device = default_device()
-    tokenizer, model, info = load_text_encoder(params.text.model, device, params.text.revision)
+    spec = encoder_spec(params, text_encoder)
+    tokenizer, model, info = load_text_encoder(spec, device, params.text.revision)
+    if spec != params.text.model:
+        info["fine_tuned_from"] = params.text.model
     if params.text.context_window and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"text.context_window needs a fast tokenizer; {params.text.model} has none")
     info = {
@@ -179,8 +228,9 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         "params": params.text.model_dump(mode="json"),
     }
     inputs = encoder_inputs(utterances, params.text.context_window)
+    settings = {k: v for k, v in params.text.model_dump().items() if k != "finetune"}  # weights_id covers it
     with ExtractionCache(
-        "text", params.text.model_dump(), model.config.hidden_size, cache_root, weights_id=info["weights_id"]
+        "text", settings, model.config.hidden_size, cache_root, weights_id=info["weights_id"]
     ) as cache:
         signatures = [cache.signature(x) for x in inputs]
         todo = []

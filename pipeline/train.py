@@ -1,16 +1,17 @@
 """Stage ``train``: fit the fusion + graph model, keep the epoch with the best dev weighted F1.
 
 Batches are whole dialogues (``train.batch_dialogues`` per step, DGL-batched graphs); AdamW with a
-linear warm-up over ``train.warmup_epochs``, then the constant ``train.lr``; gradient clipping; the
-loss of :mod:`pipeline.losses`; optional early stopping after ``train.patience`` epochs without a
-better dev weighted F1; optional mixed precision on CUDA (``train.amp``). Seeds are fixed and
-deterministic algorithms requested (:func:`set_seed`), so two CPU runs give the same bytes. Per-epoch
-train/dev loss, dev weighted F1 / accuracy and the learning rate go to DVCLive (``metrics/train/``).
+linear warm-up over ``train.warmup_epochs``, then ``train.lr_schedule`` (:class:`LRSchedule`: constant,
+cosine decay, or halving on a dev plateau); gradient clipping; the loss of :mod:`pipeline.losses`;
+optional early stopping after ``train.patience`` epochs without a better dev weighted F1; optional
+mixed precision on CUDA (``train.amp``). Seeds are fixed and deterministic algorithms requested
+(:func:`set_seed`), so two CPU runs give the same bytes. Per-epoch train/dev loss, dev weighted F1 /
+accuracy and the learning rate go to DVCLive (``metrics/train/``).
 
 Resuming (GPU time gets pre-empted): after every epoch the whole training state (model, optimizer,
 scheduler, AMP scaler, every random generator, the best epoch so far and its weights, the early
 stopping count, the DVCLive step, summary and files) is written atomically to ``<--resume-dir>/last.pt``
-(:class:`ResumeCheckpoint`), which is no DVC output. A new run resumes from it after the last finished
+(:class:`pipeline.resume.ResumeCheckpoint`), which is no DVC output. A new run resumes from it after the last finished
 epoch when it was written for the same run (:func:`run_fingerprint`: ``model.*``, ``loss.*``,
 ``train.*``, the labels, input sizes and the content of every feature, mask, label and graph that
 training reads, the stage's code, the torch version and the device type); otherwise it starts fresh
@@ -26,15 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
-import os
+import math
 import random
-import re
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,88 +41,30 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.atomic import atomic_path
 from pipeline.cli import run_stage
-from pipeline.config import Params
+from pipeline.config import Params, TrainParams
 from pipeline.data import Dialogue, batches, load_dialogues
 from pipeline.encoders import default_device
 from pipeline.extraction_cache import code_fingerprint
-from pipeline.graphs import load_graphs
+from pipeline.graphs import load_graphs, read_index
 from pipeline.inference import run_model
 from pipeline.losses import batch_loss, inverse_frequency
 from pipeline.modeling import ERCModel
+from pipeline.resume import (
+    ResumeCheckpoint,
+    digest,
+    log_nondeterministic_ops,
+    rng_state,
+    set_rng_state,
+    set_seed,
+    tensor_bytes,
+)
 from pipeline.utterances import LABELS_FILE, UTTERANCES_FILE, load_labels, load_utterances
 
 log = logging.getLogger(__name__)
 
-RESUME_FILE = "last.pt"
-# cuBLAS needs a fixed workspace for reproducible results (CUDA >= 10.2): one of these two values.
-CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
-# What torch says (warn_only=True) for an op that has no deterministic kernel.
-_NONDETERMINISTIC = re.compile(r"^\s*(?P<op>\S+?)\s+does not have a deterministic implementation")
-
 
 # ---------------------------------------------------------------------------------------------
-# seeds and deterministic kernels
-
-
-def set_seed(seed: int, device: torch.device | str | None = None) -> None:
-    """Seed Python, NumPy and torch (every CUDA device too), and ask torch for deterministic algorithms.
-
-    On CUDA (``device``, default :func:`default_device`) also set ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
-    unless it already holds a deterministic value. cuBLAS reads it once, at its first call in the
-    process, so this must run before any CUDA matrix product (the train stage's process makes none
-    before). cuDNN's autotuner is switched off (it may pick another kernel per run). Ops without a
-    deterministic kernel only warn (``warn_only=True``); :func:`log_nondeterministic_ops` logs them.
-    """
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        current = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-        if current not in CUBLAS_DETERMINISTIC:
-            if current is not None:
-                log.warning("CUBLAS_WORKSPACE_CONFIG=%s is not deterministic; using :4096:8", current)
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device as well
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-@contextlib.contextmanager
-def log_nondeterministic_ops() -> Iterator[set[str]]:
-    """Turn torch's warnings about ops without a deterministic (CUDA) kernel into one log line per op.
-
-    Yields the set of such ops seen so far. Other warnings are shown as usual.
-    """
-    seen: set[str] = set()
-    with warnings.catch_warnings():  # restores the filters and warnings.showwarning on exit
-        warnings.filterwarnings("always", message=r".*does not have a deterministic implementation")
-        warnings.filterwarnings("always", message=r".*CUBLAS_WORKSPACE_CONFIG")
-        shown = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            text = str(message)
-            match = _NONDETERMINISTIC.match(text)
-            if match:
-                op = match.group("op")
-                if op not in seen:
-                    seen.add(op)
-                    log.warning(
-                        "op %s has no deterministic CUDA kernel: results may differ run to run in the last digits", op
-                    )
-                return
-            if "CUBLAS_WORKSPACE_CONFIG" in text:
-                if "cublas" not in seen:
-                    seen.add("cublas")
-                    log.warning(
-                        "cuBLAS started before CUBLAS_WORKSPACE_CONFIG was set (something used CUDA "
-                        "matrix products before training): results may differ run to run in the last "
-                        "digits; run the stage in a fresh process"
-                    )
-                return
-            shown(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        yield seen
+# mixed precision (seeds, deterministic kernels and the resume checkpoint: pipeline/resume.py)
 
 
 def _amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -144,20 +84,105 @@ def _amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, t
 
 
 # ---------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+
+def cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """The lr multiplier of ``train.lr_schedule: cosine`` for optimizer step ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` for ``step < warmup_steps``, then cosine annealing
+    (SGDR without restarts, Loshchilov & Hutter 2017) from 1 at ``warmup_steps`` to ``min_ratio`` at
+    ``total_steps``: ``min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2``, ``p = (step - warmup_steps)
+    / (total_steps - warmup_steps)`` clipped to 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LRSchedule:
+    """The learning rate over training (``train.lr_schedule``), after a linear warm-up over the first
+    ``train.warmup_epochs`` epochs (per optimizer step):
+
+    * ``constant``: ``train.lr``;
+    * ``cosine``: per step down to ``train.min_lr_ratio * lr`` at the end of the last epoch
+      (:func:`cosine_factor`; Loshchilov & Hutter 2017, SGDR without restarts);
+    * ``plateau``: torch's ``ReduceLROnPlateau`` on the dev weighted F1 (the model-selection metric),
+      stepped once per epoch from the end of the warm-up: the lr is multiplied by
+      ``train.plateau_factor`` once ``train.plateau_patience`` epochs in a row bring no better dev
+      weighted F1 (as ``train.patience`` counts; torch's ``patience`` is one less), never below
+      ``min_lr_ratio * lr``; "better" is strictly greater, as for the best epoch.
+
+    Call :meth:`step` after every optimizer step and :meth:`epoch_end` after every epoch's dev scoring;
+    :meth:`state_dict` / :meth:`load_state_dict` carry it through the resume checkpoint.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: TrainParams, steps_per_epoch: int):
+        self.kind = params.lr_schedule
+        self.warmup_steps = params.warmup_epochs * steps_per_epoch
+        total_steps = params.epochs * steps_per_epoch
+        if self.kind == "cosine":
+            warmup_steps, ratio = self.warmup_steps, params.min_lr_ratio
+
+            def factor(step: int) -> float:
+                return cosine_factor(step, warmup_steps, total_steps, ratio)
+
+        else:
+            warmup = max(1, self.warmup_steps)
+
+            def factor(step: int) -> float:
+                return min(1.0, (step + 1) / warmup)
+
+        self.per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode="max",
+                factor=params.plateau_factor,
+                patience=params.plateau_patience - 1,
+                threshold=0.0,
+                min_lr=params.min_lr_ratio * params.lr,
+            )
+            if self.kind == "plateau"
+            else None
+        )
+
+    def step(self) -> None:
+        """After an optimizer step (with ``plateau``, only the warm-up is per step)."""
+        if self.plateau is None or self.per_step.last_epoch < self.warmup_steps:
+            self.per_step.step()
+
+    def epoch_end(self, dev_weighted_f1: float) -> None:
+        """After an epoch's dev scoring: the ``plateau`` step (after the warm-up only); else nothing."""
+        if self.plateau is None or self.per_step.last_epoch < self.warmup_steps:
+            return
+        group = self.plateau.optimizer.param_groups[0]
+        before = group["lr"]
+        self.plateau.step(float(dev_weighted_f1))
+        after = group["lr"]
+        if after != before:
+            log.info(
+                "lr %.2e -> %.2e: no better dev weighted F1 for %d epochs (train.lr_schedule=plateau)",
+                before,
+                after,
+                self.plateau.patience + 1,
+            )
+
+    def state_dict(self) -> dict:
+        return {
+            "per_step": self.per_step.state_dict(),
+            "plateau": None if self.plateau is None else self.plateau.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
+
+# ---------------------------------------------------------------------------------------------
 # resuming
-
-
-def _digest(*chunks: bytes | str) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk.encode() if isinstance(chunk, str) else chunk)
-        digest.update(b"\0")
-    return digest
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return f"{t.dtype}{tuple(t.shape)}".encode() + t.numpy().tobytes()
 
 
 def run_fingerprint(
@@ -179,110 +204,24 @@ def run_fingerprint(
     device = device if device is not None else default_device()
     sections = {name: getattr(params, name).model_dump(mode="json") for name in ("model", "loss", "train")}
     input_sizes = {m: int(f.shape[1]) for m, f in splits["train"][0].features.items()} if splits.get("train") else {}
-    data = _digest(json.dumps(encoders or {}, sort_keys=True, default=str))
+    data = digest(json.dumps(encoders or {}, sort_keys=True, default=str))
     for split in ("train", "dev"):
         for d in splits.get(split, []):
-            data.update(_digest(split, d.dialogue_id, json.dumps(d.utterance_ids)).digest())
+            data.update(digest(split, d.dialogue_id, json.dumps(d.utterance_ids)).digest())
             for m in sorted(d.features):
-                data.update(_tensor_bytes(d.features[m]) + _tensor_bytes(d.masks[m]))
+                data.update(tensor_bytes(d.features[m]) + tensor_bytes(d.masks[m]))
             src, dst = d.graph.edges()
             for t in (d.emotion, d.sentiment, src, dst, d.graph.edata["rel_type"]):
-                data.update(_tensor_bytes(t))
+                data.update(tensor_bytes(t))
     return {
-        "params": _digest(json.dumps(sections, sort_keys=True)).hexdigest()[:16],
-        "labels": _digest(
+        "params": digest(json.dumps(sections, sort_keys=True)).hexdigest()[:16],
+        "labels": digest(
             json.dumps({"labels": labels, "input_sizes": input_sizes, "num_relations": num_relations}, sort_keys=True)
         ).hexdigest()[:16],
         "data": data.hexdigest()[:16],
         "code": code_fingerprint("train"),
         "runtime": f"torch {torch.__version__} on {device.type}",
     }
-
-
-class ResumeCheckpoint:
-    """The resume checkpoint of one training run: ``<directory>/last.pt``.
-
-    Opening it loads ``last.pt`` when it exists and was written for ``fingerprint``
-    (:func:`run_fingerprint`); a stale or unreadable one is deleted. Either way the log says which
-    and why. :meth:`save` writes it atomically (a kill mid-write leaves the previous one); :meth:`finish`
-    deletes it once the run's outputs are written.
-    """
-
-    def __init__(self, directory: str | Path, fingerprint: dict[str, str]):
-        self.path = Path(directory) / RESUME_FILE
-        self.fingerprint = dict(fingerprint)
-        self.state: dict | None = self._load()
-
-    @property
-    def resuming(self) -> bool:
-        return self.state is not None
-
-    def _discard(self, why: str) -> None:
-        log.warning("train: starting fresh: %s %s; deleted", self.path, why)
-        self.path.unlink(missing_ok=True)
-
-    def _load(self) -> dict | None:
-        if not self.path.exists():
-            log.info("train: starting fresh (no resume checkpoint %s)", self.path)
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            written_for = dict(state["fingerprint"])
-            epoch = int(state["epoch"])
-        except Exception as err:  # noqa: BLE001 - any unreadable file means: start over
-            self._discard(f"cannot be read ({type(err).__name__}: {err})")
-            return None
-        differ = [
-            k for k in sorted(set(written_for) | set(self.fingerprint)) if written_for.get(k) != self.fingerprint.get(k)
-        ]
-        if differ:
-            details = "; ".join(f"{k}: {written_for.get(k)} there, {self.fingerprint.get(k)} now" for k in differ)
-            self._discard(f"was written for another run ({details})")
-            return None
-        log.info(
-            "train: resuming after epoch %d from %s (written for the same params, inputs and code)", epoch, self.path
-        )
-        return state
-
-    def save(self, state: dict) -> None:
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            torch.save({**state, "fingerprint": self.fingerprint}, f)
-
-    def finish(self) -> None:
-        """Delete ``last.pt`` (and its folder when that is left empty)."""
-        self.path.unlink(missing_ok=True)
-        self.state = None
-        with contextlib.suppress(OSError):
-            self.path.parent.rmdir()
-
-
-def _rng_state(shuffle: random.Random, device: torch.device) -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "shuffle": shuffle.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-    }
-
-
-def _set_rng_state(state: dict, shuffle: random.Random, device: torch.device) -> None:
-    random.setstate(state["python"])
-    shuffle.setstate(state["shuffle"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _live_files(live) -> dict[str, str]:
@@ -330,6 +269,7 @@ def train(
     live=None,
     resume: ResumeCheckpoint | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    relation_speakers: int | None = None,
 ) -> dict:
     """Train on ``splits["train"]``, select on ``splits["dev"]`` by emotion weighted F1.
 
@@ -345,6 +285,9 @@ def train(
             continues after that state's epoch.
         on_epoch_end: called with the 1-based epoch number after each epoch (after the resume
             checkpoint is saved).
+        relation_speakers: the speaker count ``M`` the graphs' ``speaker_pair`` relations were built for
+            (:func:`pipeline.graphs.read_index`), recorded for predict, which builds graphs itself;
+            None: ``same_other``, or unknown (``graph.max_speakers`` then).
 
     Returns:
         the checkpoint dict (best-dev state dict and everything :func:`build_model` needs).
@@ -374,8 +317,7 @@ def train(
         class_weights = inverse_frequency(torch.cat([d.emotion for d in splits["train"]]), len(emotions)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
         steps_per_epoch = -(-len(splits["train"]) // params.train.batch_dialogues)
-        warmup = max(1, params.train.warmup_epochs * steps_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = LRSchedule(optimizer, params.train, steps_per_epoch)
         amp_dtype, scaler = _amp_settings(params.train.amp, device)
         rng = random.Random(params.train.seed)
         best = {"dev_weighted_f1": -1.0}
@@ -389,7 +331,7 @@ def train(
                 scaler.load_state_dict(state["scaler"])
             best = dict(state["best"])
             epochs_run, since_best, stopped = int(state["epoch"]), int(state["since_best"]), bool(state["stopped"])
-            _set_rng_state(state["rng"], rng, device)
+            set_rng_state(state["rng"], rng, device)
             if live is not None and state.get("live") is not None:
                 _restore_live(live, state["live"])
         for epoch in range(epochs_run, params.train.epochs):
@@ -420,11 +362,12 @@ def train(
                     optimizer.step()
                 scheduler.step()
                 train_losses.append(loss.item())
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.param_groups[0]["lr"]  # after the epoch's last step (before a plateau step)
             dev = run_model(model, splits["dev"], params, device, class_weights)
             dev_pred = dev["emotion_prob"].argmax(-1)
             dev_f1 = f1_score(dev["emotion"], dev_pred, average="weighted", zero_division=0)
             dev_acc = accuracy_score(dev["emotion"], dev_pred)
+            scheduler.epoch_end(dev_f1)  # plateau: the next epoch's lr
             log.info(
                 "epoch %3d  train loss %.4f  dev loss %.4f  dev weighted F1 %.4f  acc %.4f  lr %.2e  (%.1f s)",
                 epoch + 1,
@@ -467,7 +410,7 @@ def train(
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
-                        "rng": _rng_state(rng, device),
+                        "rng": rng_state(rng, device),
                         "best": best,
                         "since_best": since_best,
                         "stopped": stopped,
@@ -481,10 +424,14 @@ def train(
     return {
         "state_dict": best["state_dict"],
         "model": params.model.model_dump(),
+        "modalities": list(model.modalities),  # = model.modalities: the features the model reads
+        "fusion": model.fusion_used,  # the fusion that ran (model.fusion, or its single-modality fallback)
         "input_sizes": input_sizes,
         "emotions": emotions,
         "sentiments": sentiments,
         "num_relations": num_relations,
+        # M of the speaker_pair relation types (pipeline.graphs): predict builds its graphs with it
+        "relation_speakers": relation_speakers,
         "encoders": encoders or {},
         "lr": params.train.lr,
         # the settings the features (as their files record them) and graphs were made with:
@@ -518,12 +465,19 @@ def run(
 
     labels = load_labels(prepared / LABELS_FILE)
     graph_table, num_relations = load_graphs(graphs)
+    index = read_index(graphs)
+    # graphs built before the index recorded M used graph.max_speakers
+    relation_speakers = (
+        index.get("relation_speakers", params.graph.max_speakers) if index.get("relations") == "speaker_pair" else None
+    )
     splits, encoders = load_dialogues(
         labels["emotions"], labels["sentiments"], load_utterances(prepared / UTTERANCES_FILE), features, graph_table
     )
     resume = ResumeCheckpoint(resume_dir, run_fingerprint(params, splits, num_relations, labels, encoders))
     with Live(str(metrics), resume=resume.resuming, dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        checkpoint = train(params, splits, num_relations, labels, encoders, live, resume, on_epoch_end)
+        checkpoint = train(
+            params, splits, num_relations, labels, encoders, live, resume, on_epoch_end, relation_speakers
+        )
         live.summary.update(
             {
                 "best_epoch": checkpoint["best_epoch"],
@@ -531,6 +485,9 @@ def run(
                 "best_dev_accuracy": checkpoint["best_dev_accuracy"],
                 "lr_configured": params.train.lr,
                 "graph_backend": checkpoint["graph_backend"],
+                "modalities": checkpoint["modalities"],
+                "fusion": checkpoint["fusion"],
+                "num_relations": num_relations,
             }
         )
         with atomic_path(model) as tmp, open(tmp, "wb") as f:

@@ -26,6 +26,10 @@ detecting and embedding (frames/s). Resumable through
 :class:`pipeline.extraction_cache.ExtractionCache`. Every ``TRIM_EVERY`` clips (in whole groups) the C
 heap's free pages go back to the system (:func:`pipeline.media.trim_heap`): memory stays flat.
 
+A table without any clip (text only) loads no face model: every utterance is masked ``missing_clip``,
+the encoder info is :func:`pipeline.encoders.describe_face_models`' (nothing downloaded, built or
+announced as randomly initialised).
+
 Output: ``<features dir>/visual.safetensors`` and ``visual_report.json``.
 """
 
@@ -41,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Params, VisualParams
-from pipeline.encoders import default_device, load_face_models
+from pipeline.encoders import default_device, describe_face_models, load_face_models
 from pipeline.extraction_cache import CACHE_DIR, ExtractionCache
 from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames, trim_heap
 from pipeline.reports import finish_extraction
@@ -240,7 +244,11 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     start = time.perf_counter()
     settings = params.visual
     device = default_device()
-    mtcnn, embedder, info = load_face_models(settings.face_weights, settings.min_face_prob, device)
+    if any(u.clip for u in utterances):
+        mtcnn, embedder, info = load_face_models(settings.face_weights, settings.min_face_prob, device)
+    else:  # nothing to embed (a text-only table): no model to load, no random weights to announce
+        mtcnn = embedder = None
+        info = describe_face_models(settings.face_weights)
     info = {
         **info,
         "fps": settings.fps,

@@ -158,7 +158,17 @@ def test_extract_cli_before_prepare_exits_1(tmp_path: Path, repo_root: Path):
     env = {**os.environ, "PYTHONPATH": str(repo_root), "PYTHONWARNINGS": "ignore"}
     (tmp_path / "params.yaml").write_text("text:\n  pooling: cls\n", encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.extract_text", "--utterances", str(UTTERANCES), "--out", str(FEATURES)],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.extract_text",
+            "--utterances",
+            str(UTTERANCES),
+            "--text-encoder",
+            "models/text_encoder",
+            "--out",
+            str(FEATURES),
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

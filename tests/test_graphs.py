@@ -4,6 +4,7 @@ edge by edge against hand-written lists."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,16 @@ from conftest import GRAPHS, UTTERANCES, write_utterances
 from pipeline.build_graphs import run as build_graphs_stage
 from pipeline.config import GraphParams, parse_params
 from pipeline.dgl_compat import dgl
-from pipeline.graphs import build_dialogue_graph, dialogue_edges, load_graphs, num_relations, speaker_indices
+from pipeline.graphs import (
+    build_dialogue_graph,
+    dialogue_edges,
+    load_graphs,
+    num_relations,
+    read_index,
+    relation_speakers,
+    save_graphs,
+    speaker_indices,
+)
 
 SPEAKERS = ["A", "B", "A", "C", "B"]  # speaker index by first appearance: A=0, B=1, C=2
 
@@ -109,6 +119,46 @@ def test_too_many_speakers_for_speaker_pair():
     assert len(dialogue_edges(SPEAKERS, same_other)[0]) == 16
 
 
+def test_relation_speakers_are_the_most_in_a_dialogue_capped():
+    pair = GraphParams(relations="speaker_pair")  # max_speakers 9
+    assert relation_speakers([["A", "B", "A"], ["C", "C"], ["D"]], pair) == 2
+    assert relation_speakers([SPEAKERS, ["A"]], pair) == 3
+    assert relation_speakers([SPEAKERS], GraphParams(relations="speaker_pair", max_speakers=2)) == 2  # the cap
+    assert relation_speakers([], pair) == relation_speakers([["A"]], pair) == 1
+
+
+def test_two_speaker_pair_relations_by_hand():
+    # M = 2: 2 * (s_src * 2 + s_dst) + (1 if src is later than dst); 2 * 2**2 = 8 relation types, not 162
+    graph = GraphParams(window_past=1, window_future=1, relations="speaker_pair")
+    assert num_relations(graph) == 162 and num_relations(graph, 2) == 8
+    assert triples(dialogue_edges(["A", "B", "A"], graph, num_speakers=2)) == [
+        (0, 0, 0),
+        (1, 0, 5),  # A->A self; B->A future: 2*(2+0)+1
+        (0, 1, 2),
+        (1, 1, 6),
+        (2, 1, 3),  # A->B past: 2*1; B->B self: 2*3; A->B future
+        (1, 2, 4),
+        (2, 2, 0),  # B->A past: 2*2; A->A self
+    ]
+    assert num_relations(GraphParams(relations="same_other"), 2) == 5
+
+
+def test_speaker_pair_count_below_a_dialogue_or_outside_the_cap_is_refused():
+    graph = GraphParams(window_past=2, window_future=1, relations="speaker_pair", max_speakers=9)
+    with pytest.raises(ValueError, match="3 speakers but the speaker_pair relations were built for at most 2"):
+        dialogue_edges(SPEAKERS, graph, num_speakers=2)
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match=f"num_speakers={bad} is outside 1..graph.max_speakers=9"):
+            dialogue_edges(["A"], graph, num_speakers=bad)
+    # the cap wins over a larger count, with today's message
+    capped = GraphParams(window_past=2, window_future=1, relations="speaker_pair", max_speakers=2)
+    with pytest.raises(ValueError, match="3 speakers but graph.max_speakers=2"):
+        dialogue_edges(SPEAKERS, capped, num_speakers=2)
+    # same_other ignores it
+    same_other = GraphParams(window_past=2, window_future=1, relations="same_other")
+    assert triples(dialogue_edges(SPEAKERS, same_other, num_speakers=1)) == EXPECTED_SAME_OTHER
+
+
 def test_build_dialogue_graph():
     graph = GraphParams(window_past=2, window_future=1, relations="speaker_pair", max_speakers=3)
     g = build_dialogue_graph(SPEAKERS, graph)
@@ -170,6 +220,49 @@ def test_stage_run_and_load_graphs_round_trip(stage_dir: Path):
     first = Path("data/graphs/graphs.safetensors").read_bytes()
     run(params)
     assert Path("data/graphs/graphs.safetensors").read_bytes() == first
+
+
+TWO_SPEAKER_ROWS = [
+    ("train/dia0_utt0", "a", "Ross", ""),
+    ("train/dia0_utt1", "b", "Rachel", ""),
+    ("train/dia0_utt2", "c", "Ross", ""),
+    ("train/dia1_utt0", "d", "Joey", ""),
+    ("dev/dia0_utt0", "e", "Monica", ""),
+    ("dev/dia0_utt1", "f", "Chandler", ""),
+    ("test/dia0_utt0", "g", "Phoebe", ""),
+]
+
+
+def test_stage_sizes_speaker_pair_relations_from_the_data(stage_dir: Path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.build_graphs")
+    write_utterances(TWO_SPEAKER_ROWS)
+    run(parse_params({"graph": {"window_past": 1, "window_future": 1, "relations": "speaker_pair"}}))
+    graphs, relations = load_graphs(GRAPHS)
+    assert relations == 2 * 2**2 == 8  # graph.max_speakers (9) would give 162
+    index = read_index(GRAPHS)
+    assert index["relation_speakers"] == 2 and index["num_relations"] == 8
+    assert max(int(g.edata["rel_type"].max()) for g in graphs.values()) < 8
+    g = graphs["train/0"]  # Ross Rachel Ross, as test_two_speaker_pair_relations_by_hand
+    assert g.edata["rel_type"].tolist() == [0, 5, 2, 6, 3, 4, 0]
+    assert "8 relation types (speaker_pair: up to 2 speakers a dialogue, graph.max_speakers=9)" in caplog.text
+
+    # one three-speaker dialogue anywhere (here: test) sizes them all
+    write_utterances([*TWO_SPEAKER_ROWS, ("test/dia0_utt1", "h", "Gunther", ""), ("test/dia0_utt2", "i", "Ross", "")])
+    run(parse_params({"graph": {"relations": "speaker_pair"}}))
+    assert load_graphs(GRAPHS)[1] == 18 and read_index(GRAPHS)["relation_speakers"] == 3
+    # ... unless the cap is below it: that dialogue is refused (as before)
+    with pytest.raises(ValueError, match="dialogue test/0: a dialogue has 3 speakers but graph.max_speakers=2"):
+        run(parse_params({"graph": {"relations": "speaker_pair", "max_speakers": 2}}))
+    # same_other: 5 relation types, no speaker count
+    run(parse_params({"graph": {"relations": "same_other"}}))
+    assert load_graphs(GRAPHS)[1] == 5 and read_index(GRAPHS)["relation_speakers"] is None
+
+
+def test_save_graphs_refuses_relation_types_beyond_the_index(tmp_path: Path):
+    graph = GraphParams(relations="speaker_pair", max_speakers=3)
+    graphs = {"train/0": build_dialogue_graph(SPEAKERS, graph)}  # built for M = 3
+    with pytest.raises(ValueError, match="train/0: relation types beyond the 8"):
+        save_graphs(graphs, graph, tmp_path, num_speakers=2)
 
 
 def test_stage_run_names_the_dialogue_with_too_many_speakers(stage_dir: Path):

@@ -142,6 +142,17 @@ def test_masked_modality_features_change_nothing(fusion):
         assert not torch.allclose(after, model(batch).emotion_logits, atol=1e-4)
 
 
+def test_graphs_with_more_relation_types_than_the_model_are_refused():
+    # a model for two-speaker speaker_pair graphs (8 relation types) given graphs built for max_speakers=3 (18)
+    params = small_params(**{"graph.relations": "speaker_pair", "graph.max_speakers": 3})
+    torch.manual_seed(0)
+    model = ERCModel(SIZES, len(EMOTIONS), 3, num_relations(params.graph, 2), params.model).eval()
+    batch = collate(make_dialogues(3, seed=1, params=params))
+    assert int(batch.rel_type.max()) >= 8
+    with torch.no_grad(), pytest.raises(ValueError, match="relation type .* the model 8 relation types"):
+        model(batch)
+
+
 def test_dialogue_with_modality_missing_everywhere_is_finite():
     params = small_params()
     model = make_model(params).eval()

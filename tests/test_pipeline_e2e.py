@@ -149,7 +149,7 @@ def test_failed_exp_run_keeps_the_tracked_metrics(project: Path):
     assert result.returncode != 0 and "train.lr" in result.stdout + result.stderr
     assert {p: p.read_bytes() for p in metrics} == before
     _run(["git", "checkout", "--", "params.yaml"], project)
-    _run([sys.executable, "-m", "dvc", "checkout"], project)  # models/model.pt, deleted before the failed run
+    _run([sys.executable, "-m", "dvc", "checkout", "models/model.pt"], project)  # deleted before the failed run
 
 
 def test_exp_run_lr_reruns_only_train_and_the_stages_after_it(project: Path):
@@ -165,7 +165,8 @@ def test_exp_run_lr_reruns_only_train_and_the_stages_after_it(project: Path):
 
 def test_text_params_rerun_text_branch_only(project: Path):
     output = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "text.pooling=cls"], project)
-    assert _stages_run(output) == {"extract_text", "train", "evaluate", "predict"}
+    # finetune_text re-runs too (its input follows text.pooling); off, it rewrites the same note
+    assert _stages_run(output) == {"finetune_text", "extract_text", "train", "evaluate", "predict"}
 
 
 def test_ablation_experiments_show_side_by_side(project: Path):
@@ -220,7 +221,7 @@ def test_regression_check_fails_on_a_broken_pipeline(project: Path):
     _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)
     source = project / "pipeline/text_features.py"  # the text features' code (extract_text is the stage's wrapper)
     code = source.read_text()
-    anchor = "        table, _ = cache.table([u.utterance_id for u in utterances], info)\n"
+    anchor = "        table, diagnostics = cache.table([u.utterance_id for u in utterances], info)\n"
     assert code.count(anchor) == 1
     # The bug: rows no longer belong to their utterances.
     source.write_text(
@@ -231,7 +232,8 @@ def test_regression_check_fails_on_a_broken_pipeline(project: Path):
         )
     )
     output = _run([sys.executable, "-m", "dvc", "repro"], project)
-    assert _stages_run(output) == {"extract_text", "train", "evaluate", "predict"}
+    # finetune_text re-runs too (it shares text_features.py); off, it rewrites the same note
+    assert _stages_run(output) == {"finetune_text", "extract_text", "train", "evaluate", "predict"}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.regression", "reproduce"],
         cwd=project,

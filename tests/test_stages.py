@@ -99,6 +99,7 @@ def test_every_stage_is_a_module():
     assert set(STAGES) == {
         "check_data",
         "prepare",
+        "finetune_text",
         "extract_text",
         "extract_audio",
         "extract_visual",
@@ -325,3 +326,20 @@ def test_a_missing_data_root_stops_dvc_repro_with_the_projects_message(tmp_path:
     assert result.returncode != 0
     assert "error: data.root data/raw/nowhere does not exist; point data.root in params.yaml" in output
     assert "Errno 2" not in output
+
+
+def test_runtime_is_listed_by_no_stage_and_sets_torch_threads():
+    """``runtime.*`` says how to run, not what to compute: no stage lists it (a change re-runs nothing)."""
+    from pipeline.cli import apply_runtime
+    from pipeline.config import parse_params
+
+    for name, stage in STAGES.items():
+        assert not any(str(p).startswith("runtime") for p in stage.get("params", [])), name
+    before = torch.get_num_threads()
+    try:
+        apply_runtime(parse_params({"runtime": {"threads": 1}}))
+        assert torch.get_num_threads() == 1
+        apply_runtime(parse_params({}))  # unset: left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

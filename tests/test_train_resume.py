@@ -220,6 +220,61 @@ def test_early_stopping_state_survives_the_resume(inputs, tmp_path, monkeypatch)
     assert tree_bytes(out / "metrics") == tree_bytes(reference / "metrics")
 
 
+def logged_lr(out: Path) -> list[float]:
+    """The per-epoch lr of a run's DVCLive metrics (``lr.tsv``, last column)."""
+    rows = (out / "metrics" / "plots" / "metrics" / "lr.tsv").read_text().splitlines()[1:]
+    return [float(row.split("\t")[-1]) for row in rows]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_lr_schedule_state_survives_the_resume(inputs, tmp_path, schedule):
+    """The scheduler's state (cosine: its step count; plateau: best dev F1 and the epochs without a better
+    one) goes through last.pt: a run killed mid-schedule and resumed writes the same bytes."""
+    # 14 epochs: this data's dev weighted F1 stops rising after epoch 9 (plateau: halved after epoch 11)
+    raw = params_with(**{"train.epochs": 14, "train.lr_schedule": schedule, "train.plateau_patience": 2})
+    reference = tmp_path / "uninterrupted"
+    run_train(inputs, reference, raw)
+    lrs = logged_lr(reference)
+    lr = RAW_PARAMS["train"]["lr"]
+    if schedule == "cosine":  # warm-up 1 epoch, then down to min_lr_ratio * lr at the last epoch
+        assert lrs[0] == pytest.approx(lr) and lrs[-1] == pytest.approx(0.01 * lr)
+        assert all(a > b for a, b in zip(lrs, lrs[1:]))
+        killed_after = 5
+    else:  # kill one epoch before the first halving: one epoch without a better dev F1 counted so far
+        halved = next(e for e in range(1, len(lrs)) if lrs[e] < lrs[e - 1])  # epoch `halved` ended it
+        assert lrs[halved] == pytest.approx(lrs[halved - 1] / 2)
+        killed_after = halved - 1
+        assert killed_after >= 1
+    out = tmp_path / "interrupted"
+    with pytest.raises(Stop):
+        run_train(inputs, out, raw, on_epoch_end=stop_after(killed_after))
+    run_train(inputs, out, raw)
+    assert logged_lr(out) == lrs
+    assert (out / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    assert tree_bytes(out / "metrics") == tree_bytes(reference / "metrics")
+
+
+def test_speaker_pair_relations_sized_by_the_data_reach_the_model(inputs, tmp_path):
+    """build_graphs sizes speaker_pair relations from the data (here: at most 3 speakers a dialogue: 18, not
+    2 * 9**2); train takes the count from the graphs' index and records it for predict."""
+    from pipeline.build_graphs import run as build_graphs_stage
+    from pipeline.inference import build_model
+
+    raw = params_with(**{"graph.relations": "speaker_pair", "train.epochs": 1})
+    params = parse_params(raw)
+    assert params.graph.max_speakers == 9
+    build_graphs_stage(params, inputs["prepared"] / UTTERANCES_FILE, inputs["graphs"])
+    run_train(inputs, tmp_path / "run", raw)
+    checkpoint = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert checkpoint["num_relations"] == 18 and checkpoint["relation_speakers"] == 3
+    coefficients = [v for k, v in checkpoint["state_dict"].items() if k.endswith("relational.linear_r.coeff")]
+    assert [tuple(c.shape) for c in coefficients] == [(18, 4)]
+    assert build_model(checkpoint).graph.relational.linear_r.coeff.shape[0] == 18
+    summary = json.loads((tmp_path / "run" / "metrics" / "metrics.json").read_text())
+    assert summary["num_relations"] == 18
+    assert summary["modalities"] == ["text", "audio", "visual"] and summary["fusion"] == "cross_attention"
+
+
 @pytest.mark.parametrize("change", ["params", "epochs", "labels_data", "features", "corrupt"])
 def test_a_resume_checkpoint_of_another_run_is_not_used(inputs, tmp_path, monkeypatch, caplog, change):
     out = tmp_path / "interrupted"
@@ -273,6 +328,8 @@ def test_fingerprint_names_what_changed(inputs):
         (params_with(**{"model.dropout": 0.2}), "params"),
         (params_with(**{"loss.temperature": 0.2}), "params"),
         (params_with(**{"train.amp": "bfloat16"}), "params"),
+        (params_with(**{"train.lr_schedule": "cosine"}), "params"),
+        (params_with(**{"model.modalities": ["text", "audio"]}), "params"),
     ):
         other = train_module.run_fingerprint(parse_params(raw), splits, relations, labels, encoders)
         assert {k for k in base if base[k] != other[k]} == {part}
