@@ -318,7 +318,7 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
         torch.manual_seed(0)
         embedder = InceptionResnetV1(pretrained=None)
         warn_random("extract_visual (InceptionResnetV1 face embedder)")
-        info = {"model": "InceptionResnetV1 (random init)", "pretrained": False, **random_identity("InceptionResnetV1")}
+        info = describe_face_models(weights)
     elif weights in FACENET_PRETRAINED:
         try:
             embedder = InceptionResnetV1(pretrained=weights)
@@ -329,12 +329,7 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
             ) from None
         # facenet-pytorch keeps the download under $TORCH_HOME/checkpoints, named after the release file
         cached = sorted(Path(torch.hub.get_dir(), "checkpoints").glob(f"*{weights}*.pt"))
-        info = {
-            "model": f"InceptionResnetV1 {weights}",
-            "pretrained": True,
-            "revision": FACENET_URL,
-            "weights_id": hash_files(cached[0]) if cached else f"{FACENET_URL}",
-        }
+        info = {**describe_face_models(weights), **({"weights_id": hash_files(cached[0])} if cached else {})}
     else:
         path = _face_weights_file(weights)
         embedder = InceptionResnetV1(pretrained=None)
@@ -350,11 +345,5 @@ def load_face_models(weights: str, min_face_prob: float, device: torch.device) -
                 f"({len(missing)} missing keys, e.g. {missing[:3]}; "
                 f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})"
             )
-        info = {
-            "model": f"InceptionResnetV1 {path}",
-            "pretrained": True,
-            "revision": None,
-            "weights_id": hash_files(path),
-        }
-    info["hidden_size"] = 512
+        info = describe_face_models(weights)
     return mtcnn, embedder.to(device).eval(), info

@@ -38,6 +38,18 @@ MELD_HEADER = [
 ]
 
 
+# A one-layer 16-d wav2vec2 (a few thousand parameters): audio.random_init for tests (no download).
+TINY_AUDIO = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "conv_dim": [8] * 7,
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FEATURES, PREPARED, UTTERANCES, run_extraction_stage, save_tiny_bert, write_utterances
+from conftest import FEATURES, PREPARED, TINY_AUDIO, UTTERANCES, run_extraction_stage, save_tiny_bert, write_utterances
 
 from pipeline import extract_audio, extract_text, extract_visual, visual_features
 from pipeline.config import parse_params
@@ -22,15 +22,6 @@ from pipeline.utterances import load_utterances
 
 CPU = torch.device("cpu")
 WORDS = "i am happy sad so very hate this cat dog love the train leaves".split()
-TINY_AUDIO = {
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "conv_dim": [8] * 7,
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
-}
 
 
 def report(modality: str) -> dict:

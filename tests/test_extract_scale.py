@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FEATURES, UTTERANCES, run_extraction_stage, save_tiny_bert, write_utterances
+from conftest import FEATURES, TINY_AUDIO, UTTERANCES, run_extraction_stage, save_tiny_bert, write_utterances
 
 from pipeline import audio_features, extract_audio, extract_visual, text_features, visual_features
 from pipeline.config import load_params, parse_params
@@ -35,15 +35,6 @@ from pipeline.utterances import Utterance
 CPU = torch.device("cpu")
 WORDS = "i am happy sad so very hate this cat dog love the train leaves".split()
 EXTRA = "a b c d : | hi there ok alone you me".split()
-TINY_AUDIO = {
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "conv_dim": [8] * 7,
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
-}
 
 
 def utt(

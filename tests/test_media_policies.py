@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_bert
+from conftest import TINY_AUDIO, save_tiny_bert
 
 from pipeline import audio_features, text_features, visual_features
 from pipeline.config import parse_params
@@ -20,15 +20,6 @@ from pipeline.feature_table import load_table
 from pipeline.media import MediaError, load_audio, sample_frames
 from pipeline.utterances import Utterance
 
-TINY_AUDIO = {
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "conv_dim": [8] * 7,
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
-}
 VISUAL = {"face_weights": "random", "fps": 2.0, "max_frames": 8}
 WORDS = "i am happy sad so very hate this cat dog love the train leaves".split()
 KEPT = 0.6  # share of a clip's bytes a cut copy keeps

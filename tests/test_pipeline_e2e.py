@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = {
     "check_data",
     "prepare",
+    "finetune_text",
     "extract_text",
     "extract_audio",
     "extract_visual",

@@ -18,19 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_AUDIO
 
 from pipeline import predict
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_AUDIO = {
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "conv_dim": [8] * 7,
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
-}
 
 
 @pytest.fixture(scope="module")

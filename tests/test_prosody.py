@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FEATURES, run_extraction_stage, write_utterances
+from conftest import FEATURES, TINY_AUDIO, run_extraction_stage, write_utterances
 
 from pipeline import audio_features, extract_audio, extract_visual, visual_features
 from pipeline.audio_features import PROSODY_DIM, PROSODY_LAYOUT, prosody_features, prosody_frames, prosody_info
@@ -28,15 +28,6 @@ F0_MEAN, F0_STD, F0_MIN, F0_MAX, F0_RANGE, VOICED = range(80, 86)
 RMS_MEAN, RMS_STD, RMS_MAX, RMS_DELTA = range(86, 90)
 DB_PER_DOUBLING = 20 * np.log10(2.0)  # 6.02 dB
 RANDOM = "RANDOMLY INITIALISED"
-TINY_AUDIO = {
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "conv_dim": [8] * 7,
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
-}
 
 
 def sine(freq: float, seconds: float = 1.0, amplitude: float = 0.1) -> np.ndarray:
