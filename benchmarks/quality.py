@@ -58,15 +58,51 @@ CONFIGS = {
     "contrastive=none": {"loss.contrastive": "none"},
     "contrastive=interclass": {"loss.contrastive": "interclass"},
     "sentiment_weight=0": {"loss.sentiment_weight": 0.0},
+    "contrastive_queue=256": {"loss.contrastive_queue": 256},
+    "lr_schedule=cosine": {"train.lr_schedule": "cosine"},
+    "lr_schedule=plateau": {"train.lr_schedule": "plateau"},
 }
 
 
 def with_overrides(raw: dict, overrides: dict) -> dict:
+    """A copy of the params mapping ``raw`` with ``{"section.key[.subkey]": value}`` set."""
     raw = json.loads(json.dumps(raw))
     for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        raw.setdefault(section, {})[key] = value
+        *path, key = dotted.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value
     return raw
+
+
+def parse_set(items: list[str]) -> dict:
+    """``--set text.context_window=2 ...`` as overrides (values read as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {item!r}: expected section.key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def encoder_classifier(splits, labels: dict, encoder_dir: Path) -> dict | None:
+    """The fine-tuned encoder's own utterance classifier (``finetune_text``'s emotion head on the
+    extracted text features: the same pooled vectors it was trained on), scored on test."""
+    from safetensors.torch import load_file
+
+    heads = encoder_dir / finetune_text.HEADS_FILE
+    if not heads.is_file():
+        return None
+    weights = load_file(str(heads))
+    features = torch.cat([d.features["text"] for d in splits["test"]])
+    gold = torch.cat([d.emotion for d in splits["test"]]).numpy()
+    pred = (features @ weights["emotion_head.weight"].T + weights["emotion_head.bias"]).argmax(-1).numpy()
+    metrics = classification_metrics(gold, pred, labels["emotions"])
+    return {"test_weighted_f1": metrics["weighted_f1"], "test_accuracy": metrics["accuracy"], "f1": metrics["f1"]}
 
 
 def meld_subset(meld: Path, dialogues: int, out: Path) -> Path:
@@ -126,9 +162,9 @@ def check_work(work: Path, source: dict) -> None:
     path.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
 
 
-def prepare_features(raw: dict, work: Path) -> None:
+def prepare_features(raw: dict, work: Path) -> dict[str, float]:
     """Run the pipeline's stages, as ``dvc.yaml`` runs them, on MELD text-only inside ``work`` (each
-    skipped when its output is already there)."""
+    skipped when its output is already there); returns the seconds of each stage that ran."""
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     params = parse_params(raw)
@@ -145,11 +181,14 @@ def prepare_features(raw: dict, work: Path) -> None:
         (FEATURES / "visual.safetensors", extract_visual.run, {**table, "out": FEATURES}),
         (GRAPHS / "graphs.safetensors", build_graphs.run, {**table, "out": GRAPHS}),
     ]
+    seconds = {}
     for output, stage, paths in steps:
         if not output.exists():
             start = time.perf_counter()
             stage(params, **paths)
-            print(f"{stage.__module__}: {time.perf_counter() - start:.1f} s", flush=True)
+            seconds[stage.__module__] = round(time.perf_counter() - start, 1)
+            print(f"{stage.__module__}: {seconds[stage.__module__]:.1f} s", flush=True)
+    return seconds
 
 
 def logistic_regression(splits) -> dict:
@@ -200,6 +239,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=6)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="subset of config names")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params overrides for every run, features included (e.g. text.finetune.enabled=true "
+        "text.context_window=2); give such runs their own --work",
+    )
     args = parser.parse_args()
     unknown = [name for name in args.configs if name not in CONFIGS]
     if unknown:
@@ -214,7 +261,8 @@ def main() -> None:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     meld, work = args.meld.resolve(), args.work.resolve()
-    check_work(work, {"meld": str(meld), "dialogues": args.dialogues})
+    overrides = parse_set(args.set)
+    check_work(work, {"meld": str(meld), "dialogues": args.dialogues, **({"set": overrides} if overrides else {})})
     root = meld if args.dialogues is None else meld_subset(meld, args.dialogues, work / "meld_subset")
     base = load_params(args.params.resolve()).model_dump(mode="json")
     base = with_overrides(
@@ -224,10 +272,11 @@ def main() -> None:
             "data.missing_clip": "text_only",
             "train.epochs": args.epochs,
             "train.patience": args.patience,
+            **overrides,
         },
     )
     args.out = args.out.resolve()
-    prepare_features(base, work)
+    stage_seconds = prepare_features(base, work)
     labels = load_labels(PREPARED / LABELS_FILE)
     graphs, num_relations = load_graphs(GRAPHS)
     splits, encoders = load_dialogues(
@@ -243,7 +292,17 @@ def main() -> None:
         "dialogues": args.dialogues,  # per split; None: all
         "utterances": {split: sum(len(d) for d in dialogues) for split, dialogues in splits.items()},
         "emotions": labels["emotions"],  # the classes scored, in output order (labels.json, not data.emotions)
+        "set": overrides,
+        "stage_seconds": stage_seconds,  # of the stages that ran in this invocation
+        "encoder_classifier": encoder_classifier(splits, labels, TEXT_ENCODER),
     }
+    info_file = TEXT_ENCODER / finetune_text.INFO_FILE
+    finetuned = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    if finetuned.get("enabled"):
+        results["finetune"] = {k: finetuned[k] for k in ("epochs", "best_epoch")}
+        if "pipeline.finetune_text" in stage_seconds:
+            minutes = stage_seconds["pipeline.finetune_text"] / 60 / len(finetuned["epochs"])
+            results["finetune"]["minutes_per_epoch"] = round(minutes, 2)  # incl. the dev pass of each epoch
     print("logistic regression:", results["baseline_logistic_regression"], flush=True)
     for name in args.configs:
         runs = []
@@ -261,6 +320,7 @@ def main() -> None:
                     "seed": seed,
                     "test_weighted_f1": metrics["weighted_f1"],
                     "test_accuracy": metrics["accuracy"],
+                    "test_f1": metrics["f1"],
                     "dev_weighted_f1": checkpoint["best_dev_weighted_f1"],
                     "best_epoch": checkpoint["best_epoch"],
                     "epochs_run": checkpoint["epochs_run"],
@@ -271,6 +331,10 @@ def main() -> None:
         summary = {
             k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
             for k in ("test_weighted_f1", "test_accuracy", "dev_weighted_f1", "seconds_per_epoch")
+        }
+        summary["test_f1"] = {
+            c: (float(np.mean([r["test_f1"][c] for r in runs])), float(np.std([r["test_f1"][c] for r in runs])))
+            for c in labels["emotions"]
         }
         results["configs"][name] = {"overrides": CONFIGS[name], "runs": runs, "mean_std": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +356,20 @@ def main() -> None:
             f"{100 * m['dev_weighted_f1'][0]:.2f} ± {100 * m['dev_weighted_f1'][1]:.2f} "
             f"| {m['seconds_per_epoch'][0]:.1f} |"
         )
+    own = results["encoder_classifier"]
+    if own is not None:
+        print(
+            f"| fine-tuned encoder's own utterance classifier | {100 * own['test_weighted_f1']:.2f} | "
+            f"{100 * own['test_accuracy']:.2f} | - | - |"
+        )
+    print("\nper-class test F1 (mean over seeds):")
+    for name, r in results["configs"].items():
+        per_class = ", ".join(f"{c} {100 * m:.1f}" for c, (m, _) in r["mean_std"]["test_f1"].items())
+        print(f"- {name}: {per_class}")
+    if own is not None:
+        print("- encoder's own classifier: " + ", ".join(f"{c} {100 * v:.1f}" for c, v in own["f1"].items()))
+    if "finetune" in results:
+        print(f"fine-tuning: {results['finetune']}")
     print(f"\npeak RSS {results['peak_rss_mb']:.0f} MB; seeds {args.seeds}")
 
 

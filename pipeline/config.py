@@ -257,6 +257,9 @@ class LossParams(_Section):
     contrastive: Literal["none", "supcon", "interclass"] = "supcon"
     contrastive_weight: float = Field(0.1, ge=0)
     temperature: float = Field(0.1, gt=0)
+    # Projections of this many earlier training utterances join each batch's contrastive candidates (a
+    # queue, MoCo-style): rare classes find partners outside their batch. 0: the batch alone.
+    contrastive_queue: int = Field(0, ge=0)
 
 
 class TrainParams(_Section):

@@ -47,7 +47,7 @@ from pipeline.encoders import default_device
 from pipeline.extraction_cache import code_fingerprint
 from pipeline.graphs import load_graphs, read_index
 from pipeline.inference import run_model
-from pipeline.losses import batch_loss, inverse_frequency
+from pipeline.losses import ContrastiveQueue, batch_loss, inverse_frequency
 from pipeline.modeling import ERCModel
 from pipeline.resume import (
     ResumeCheckpoint,
@@ -320,6 +320,7 @@ def train(
         scheduler = LRSchedule(optimizer, params.train, steps_per_epoch)
         amp_dtype, scaler = _amp_settings(params.train.amp, device)
         rng = random.Random(params.train.seed)
+        queue = ContrastiveQueue(params.loss.contrastive_queue) if params.loss.contrastive_queue else None
         best = {"dev_weighted_f1": -1.0}
         epochs_run, since_best, stopped = 0, 0, False
         if resume is not None and resume.state is not None:
@@ -332,6 +333,8 @@ def train(
             best = dict(state["best"])
             epochs_run, since_best, stopped = int(state["epoch"]), int(state["since_best"]), bool(state["stopped"])
             set_rng_state(state["rng"], rng, device)
+            if queue is not None:
+                queue.load_state_dict(state["queue"])
             if live is not None and state.get("live") is not None:
                 _restore_live(live, state["live"])
         for epoch in range(epochs_run, params.train.epochs):
@@ -347,7 +350,7 @@ def train(
                 )
                 with autocast:
                     result = model(batch)
-                    loss, _ = batch_loss(result, batch, params.loss, class_weights)
+                    loss, _ = batch_loss(result, batch, params.loss, class_weights, queue)
                 optimizer.zero_grad()
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -411,6 +414,7 @@ def train(
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
                         "rng": rng_state(rng, device),
+                        "queue": queue.state_dict() if queue is not None else None,
                         "best": best,
                         "since_best": since_best,
                         "stopped": stopped,

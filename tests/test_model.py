@@ -233,3 +233,24 @@ def test_early_stopping_stops_after_patience():
     result = train(params, splits, num_relations(params.graph), LABELS)
     assert result["epochs_run"] < 40
     assert result["epochs_run"] - result["best_epoch"] == 2
+
+
+def test_supcon_queue_gives_a_lone_anchor_its_partner():
+    from pipeline.losses import ContrastiveQueue
+
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two classes, one utterance each: no positive in the batch
+    labels = torch.tensor([0, 1])
+    assert supcon_loss(z, labels, 1.0).item() == 0.0
+    queue = ContrastiveQueue(size=2)
+    queue.extend(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([5, 1, 0]))
+    assert queue.labels.tolist() == [1, 0] and queue.projections.shape == (2, 2)  # the newest 2 kept
+    # each anchor: candidates = the other batch utterance (similarity 0) + the queue (one positive, sim 1)
+    expected = -math.log(math.e / (math.e + 1 + 1))
+    assert supcon_loss(z, labels, 1.0, queue=queue).item() == pytest.approx(expected, rel=1e-6)
+    z.requires_grad_()
+    supcon_loss(z, labels, 1.0, queue=queue).backward()
+    assert z.grad is not None and not queue.projections.requires_grad
+    # erc_loss appends the batch to the queue after the loss
+    logits = torch.zeros(2, len(EMOTIONS))
+    erc_loss(logits, torch.zeros(2, 3), z.detach(), labels, labels, small_params().loss, None, queue)
+    assert queue.labels.tolist() == [0, 1]

@@ -543,3 +543,21 @@ def test_cuda_training_resumes_and_repeats(inputs, tmp_path, monkeypatch, amp):
             assert value.device.type == "cpu"
             torch.testing.assert_close(other["state_dict"][key], value, rtol=1e-4, atol=1e-5)
     assert tree_bytes(tmp_path / "c" / "metrics").keys() == tree_bytes(tmp_path / "a" / "metrics").keys()
+
+
+def test_contrastive_queue_survives_the_resume(inputs, tmp_path):
+    """The queue of earlier projections (loss.contrastive_queue) goes through last.pt with the rest: a run
+    killed mid-training and resumed writes the same bytes, and the queue changes what is learnt."""
+    raw = params_with(**{"loss.contrastive_queue": 16, "loss.contrastive_weight": 1.0})
+    reference = tmp_path / "uninterrupted"
+    run_train(inputs, reference, raw)
+    out = tmp_path / "interrupted"
+    with pytest.raises(Stop):
+        run_train(inputs, out, raw, on_epoch_end=stop_after(3))
+    run_train(inputs, out, raw)
+    assert (out / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    without = tmp_path / "no_queue"
+    run_train(inputs, without, params_with(**{"loss.contrastive_weight": 1.0}))
+    a = torch.load(reference / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(without / "model.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
