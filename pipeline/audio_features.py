@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.config import AudioParams, Params
 from pipeline.encoders import (
@@ -56,9 +55,10 @@ from pipeline.encoders import (
     load_audio_backend,
     warn_random,
 )
-from pipeline.extraction_cache import CACHE_DIR, ExtractionCache
+from pipeline.extraction_cache import CACHE_DIR, ExtractionCache, file_signature
 from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio
 from pipeline.reports import finish_extraction
+from pipeline.sharding import extract_units, plan_units
 from pipeline.utterances import Utterance
 
 log = logging.getLogger(__name__)
@@ -243,19 +243,167 @@ def min_input_samples(model: torch.nn.Module) -> int:
     return n
 
 
-def extract(utterances: list[Utterance], params: Params, features_dir: Path, cache_root: Path = CACHE_DIR) -> dict:
-    """Decode, resample and encode every utterance's audio into ``<features_dir>/audio.safetensors``.
+class AudioUnitWorker:
+    """Decodes and encodes the utterances of one work unit (:mod:`pipeline.sharding`): a pure worker.
+
+    Payload: ``[(utterance_id, audio_source, start, end), ...]``; result: one
+    :class:`pipeline.sharding.UnitResult` per item (``[hidden_size]`` float32, or None with the reason
+    and a warning for the log), and the unit's ``audio_seconds_decoded``. Decoding runs in a background
+    thread ahead of the encoder (:func:`pipeline.media.decode_ahead`), beside the model that uses it;
+    wav2vec2 batches (``audio.batch_size`` chunks) are formed inside the unit, so a unit's vectors do
+    not depend on which process encodes it.
 
     Models whose first convolution uses group norm over time (``feat_extract_norm="group"``, e.g.
     wav2vec2-base) normalise over the padded batch, so their inputs are encoded one at a time
     (features must not depend on batch neighbours); layer-norm models are batched by ``audio.batch_size``.
 
+    Raises (on the first call): OSError for a model that cannot be loaded; RuntimeError when the
+    loaded model is not the one the configuration describes (``expected``: weights id and size).
+    """
+
+    def __init__(self, settings: AudioParams, expected: tuple[str, int]):
+        self.settings, self.expected = settings, expected
+        self._loaded = None  # (extractor, model, device, min_samples, batch_size) after the first call
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded": None}
+
+    def _load(self) -> tuple:
+        settings, device = self.settings, default_device()
+        extractor = model = None
+        min_samples, batch_size = 1, settings.batch_size
+        if settings.backend != "prosody":
+            extractor, model, loaded = load_audio_backend(settings, device)
+            if (loaded["weights_id"], loaded["hidden_size"]) != self.expected:
+                raise RuntimeError(
+                    f"audio.model {settings.model}: loaded {loaded['weights_id']} ({loaded['hidden_size']}-d), "
+                    f"its configuration said {self.expected[0]} ({self.expected[1]}-d); run the stage again"
+                )
+        if settings.backend == "wav2vec2":
+            min_samples = min_input_samples(model)
+            if getattr(model.config, "feat_extract_norm", "layer") == "group":
+                batch_size = 1
+        return extractor, model, device, min_samples, batch_size
+
+    def __call__(self, payload: list[tuple[str, str, float | None, float | None]]) -> tuple[list, dict]:
+        from pipeline.sharding import UnitResult
+
+        if self._loaded is None:
+            self._loaded = self._load()
+        extractor, model, device, min_samples, batch_size = self._loaded
+        settings = self.settings
+        prosody_min = prosody_frames(settings.sample_rate, settings.prosody_fmin)["pitch"]
+        chunk_samples = int(settings.chunk_seconds * settings.sample_rate)
+        results: list = [None] * len(payload)
+        pending: list[tuple[int, list[torch.Tensor], dict]] = []  # (position, chunks, decoding notes)
+        seconds = 0.0
+
+        def flush() -> None:
+            chunks = [c for _, cs, _ in pending for c in cs]
+            sums, frames = [], []
+            for s in range(0, len(chunks), batch_size):
+                a, b = encode_waves(chunks[s : s + batch_size], extractor, model, settings, device)
+                sums.append(a)
+                frames.append(b)
+            sums, frames = torch.cat(sums), torch.cat(frames)
+            k = 0
+            for pos, cs, notes in pending:
+                vector = sums[k : k + len(cs)].sum(0) / frames[k : k + len(cs)].sum()
+                results[pos].vector, results[pos].diagnostics = vector.numpy(), {"chunks": len(cs), **notes}
+                k += len(cs)
+            pending.clear()
+
+        def decode(pos: int) -> tuple[torch.Tensor, dict]:
+            _, source, start, end = payload[pos]
+            notes: dict = {}
+            wave = load_audio(
+                source,
+                settings.sample_rate,
+                settings.max_seconds,
+                start,
+                end,
+                on_truncated=settings.on_truncated,
+                notes=notes,
+            )
+            return wave, notes
+
+        for pos, result in decode_ahead(range(len(payload)), decode, decode_depth(device, DECODE_AHEAD)):
+            uid, source = payload[pos][:2]
+            try:
+                if isinstance(result, MediaError):
+                    raise result
+                wave, notes = result
+                warning = None
+                if "partial" in notes:
+                    warning = (
+                        f"{uid}: {source} was cut short: {notes['partial']['decoded']:.2f} s of audio decoded of the "
+                        f"{notes['partial']['declared']:.2f} s its header declares for the utterance; encoding the "
+                        "part that decoded (audio.on_truncated=use_partial)"
+                    )
+                results[pos] = UnitResult(uid, None, "ok", notes, warning)
+                if settings.backend == "opensmile":
+                    values = extractor.process_signal(wave.numpy(), settings.sample_rate).to_numpy()[0]
+                    if not np.isfinite(values).all():
+                        raise MediaError(
+                            "no_audio",
+                            source,
+                            f"{wave.numel() / settings.sample_rate:.3f} s of audio is too short "
+                            "for openSMILE's functionals",
+                        )
+                    results[pos].vector = values.astype(np.float32)
+                elif settings.backend == "prosody":
+                    if wave.numel() < prosody_min:
+                        raise MediaError(
+                            "no_audio",
+                            source,
+                            f"{wave.numel() / settings.sample_rate * 1000:.0f} ms of audio is too short for the "
+                            f"prosody functionals (at least {prosody_min / settings.sample_rate * 1000:.0f} ms)",
+                        )
+                    try:
+                        values = prosody_features(
+                            wave.numpy(), settings.sample_rate, settings.prosody_fmin, settings.prosody_fmax
+                        )
+                    except ValueError as err:
+                        raise MediaError("decode_error", source, str(err)) from None
+                    if not np.isfinite(values).all():
+                        raise MediaError("decode_error", source, "non-finite prosody functionals")
+                    results[pos].vector = values
+                elif wave.numel() < min_samples:
+                    raise MediaError(
+                        "no_audio",
+                        source,
+                        f"only {wave.numel()} samples of audio (the encoder needs at least {min_samples})",
+                    )
+                else:
+                    chunks = [c for c in split_chunks(wave, chunk_samples) if c.numel() >= min_samples] or [wave]
+                    pending.append((pos, chunks, notes))
+                seconds += wave.numel() / settings.sample_rate
+            except MediaError as err:
+                hint = ""
+                if err.reason == "truncated" and settings.on_truncated == "mask":
+                    hint = " (audio.on_truncated: use_partial would encode the part that decodes)"
+                results[pos] = UnitResult(uid, None, err.reason, {}, f"{uid} ({err.reason}): {err}; audio masked{hint}")
+                continue
+            if settings.backend == "wav2vec2" and sum(len(cs) for _, cs, _ in pending) >= batch_size:
+                flush()
+        if pending:
+            flush()
+        return results, {"audio_seconds_decoded": seconds}
+
+
+def extract(utterances: list[Utterance], params: Params, features_dir: Path, cache_root: Path = CACHE_DIR) -> dict:
+    """Decode, resample and encode every utterance's audio into ``<features_dir>/audio.safetensors``.
+
+    The work is split into units of ``audio.shard_size`` utterances (:class:`AudioUnitWorker`) and run
+    with ``runtime.backend`` (:mod:`pipeline.sharding`); the bytes written do not depend on the backend
+    or the worker count.
+
     A clip cut short is masked (``truncated``) or, with ``audio.on_truncated: use_partial``, encoded
     from the part that decoded, with a warning naming the utterance and the decoded / declared seconds.
 
-    The encoder is loaded only when an utterance with audio is left to encode: the info (and so the
-    resume-cache key) is :func:`pipeline.encoders.describe_audio_backend`'s (or :func:`prosody_info`),
-    identical to the loader's, whether or not the model is loaded.
+    The encoder is loaded only when an utterance with audio is left to encode (by each worker): the
+    info (and so the resume-cache key) is :func:`pipeline.encoders.describe_audio_backend`'s (or
+    :func:`prosody_info`), identical to the loader's, whether or not the model is loaded.
 
     Returns:
         the stage report, with ``chunked`` ``{utterance_id: chunks}`` (utterances encoded in more than
@@ -265,7 +413,6 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     """
     start = time.perf_counter()
     settings = params.audio
-    device = default_device()
     info = prosody_info(settings) if settings.backend == "prosody" else describe_audio_backend(settings)
     info = {
         **info,
@@ -275,125 +422,27 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     }
     if settings.backend == "wav2vec2":
         info["last_k_layers"] = settings.last_k_layers
-    extractor = model = None  # loaded below, only when an utterance with audio is left to encode
-    min_samples, batch_size = 1, settings.batch_size
-    prosody_min = prosody_frames(settings.sample_rate, settings.prosody_fmin)["pitch"]
-    chunk_samples = int(settings.chunk_seconds * settings.sample_rate)
-    pending: list[tuple[int, str, list[torch.Tensor], dict]] = []  # (row, signature, chunks, decoding notes)
-    seconds = 0.0
-
-    def flush(cache: ExtractionCache) -> None:
-        chunks = [c for _, _, cs, _ in pending for c in cs]
-        sums, frames = [], []
-        for s in range(0, len(chunks), batch_size):
-            a, b = encode_waves(chunks[s : s + batch_size], extractor, model, settings, device)
-            sums.append(a)
-            frames.append(b)
-        sums, frames = torch.cat(sums), torch.cat(frames)
-        k = 0
-        for row, signature, cs, notes in pending:
-            vector = sums[k : k + len(cs)].sum(0) / frames[k : k + len(cs)].sum()
-            cache.put(utterances[row].utterance_id, signature, vector, diagnostics={"chunks": len(cs), **notes})
-            k += len(cs)
-        pending.clear()
-
-    def decode(item: tuple[int, str]) -> tuple[torch.Tensor, dict]:
-        utt, notes = utterances[item[0]], {}
-        wave = load_audio(
-            utt.audio_source,
-            settings.sample_rate,
-            settings.max_seconds,
-            utt.start,
-            utt.end,
-            on_truncated=settings.on_truncated,
-            notes=notes,
-        )
-        return wave, notes
-
+    ids = [u.utterance_id for u in utterances]
+    worker = AudioUnitWorker(settings, (info["weights_id"], info["hidden_size"]))
     with ExtractionCache(
         "audio", settings.model_dump(), info["hidden_size"], cache_root, weights_id=info["weights_id"]
     ) as cache:
-        todo = cache.pending_media(utterances, "audio_source")
-        if todo and settings.backend != "prosody":
-            extractor, model, loaded = load_audio_backend(settings, device)
-            if (loaded["weights_id"], loaded["hidden_size"]) != (info["weights_id"], info["hidden_size"]):
-                raise RuntimeError(
-                    f"audio.model {settings.model}: loaded {loaded['weights_id']} ({loaded['hidden_size']}-d), "
-                    f"its configuration said {info['weights_id']} ({info['hidden_size']}-d); run the stage again"
-                )
-            if settings.backend == "wav2vec2":
-                min_samples = min_input_samples(model)
-                if getattr(model.config, "feat_extract_norm", "layer") == "group":
-                    batch_size = 1
-        elif not info["pretrained"] and any(u.audio_source for u in utterances):
-            warn_random("extract_audio (wav2vec2)")  # all from the cache, but the features are still random
-        decoded = decode_ahead(todo, decode, decode_depth(device, DECODE_AHEAD))
-        for (i, signature), result in tqdm(decoded, total=len(todo), desc="extract_audio", unit="utt"):
-            utt = utterances[i]
-            try:
-                if isinstance(result, MediaError):
-                    raise result
-                wave, notes = result
-                if "partial" in notes:
-                    log.warning(
-                        "%s: %s was cut short: %.2f s of audio decoded of the %.2f s its header declares "
-                        "for the utterance; encoding the part that decoded (audio.on_truncated=use_partial)",
-                        utt.utterance_id,
-                        utt.audio_source,
-                        notes["partial"]["decoded"],
-                        notes["partial"]["declared"],
-                    )
-                if settings.backend == "opensmile":
-                    values = extractor.process_signal(wave.numpy(), settings.sample_rate).to_numpy()[0]
-                    if not np.isfinite(values).all():
-                        raise MediaError(
-                            "no_audio",
-                            utt.audio_source,
-                            f"{wave.numel() / settings.sample_rate:.3f} s "
-                            "of audio is too short for openSMILE's functionals",
-                        )
-                    cache.put(
-                        utt.utterance_id, signature, torch.from_numpy(values.astype(np.float32)), diagnostics=notes
-                    )
-                elif settings.backend == "prosody":
-                    if wave.numel() < prosody_min:
-                        raise MediaError(
-                            "no_audio",
-                            utt.audio_source,
-                            f"{wave.numel() / settings.sample_rate * 1000:.0f} ms of audio is too short for the "
-                            f"prosody functionals (at least {prosody_min / settings.sample_rate * 1000:.0f} ms)",
-                        )
-                    try:
-                        values = prosody_features(
-                            wave.numpy(), settings.sample_rate, settings.prosody_fmin, settings.prosody_fmax
-                        )
-                    except ValueError as err:
-                        raise MediaError("decode_error", utt.audio_source, str(err)) from None
-                    if not np.isfinite(values).all():
-                        raise MediaError("decode_error", utt.audio_source, "non-finite prosody functionals")
-                    cache.put(utt.utterance_id, signature, torch.from_numpy(values), diagnostics=notes)
-                elif wave.numel() < min_samples:
-                    raise MediaError(
-                        "no_audio",
-                        utt.audio_source,
-                        f"only {wave.numel()} samples of audio (the encoder needs at least {min_samples})",
-                    )
-                else:
-                    chunks = [c for c in split_chunks(wave, chunk_samples) if c.numel() >= min_samples] or [wave]
-                    pending.append((i, signature, chunks, notes))
-                seconds += wave.numel() / settings.sample_rate
-            except MediaError as err:
-                cache.put(utt.utterance_id, signature, None, err.reason)
-                hint = ""
-                if err.reason == "truncated" and settings.on_truncated == "mask":
-                    hint = " (audio.on_truncated: use_partial would encode the part that decodes)"
-                log.warning("%s (%s): %s; audio masked%s", utt.utterance_id, err.reason, err, hint)
-                continue
-            if settings.backend == "wav2vec2" and sum(len(cs) for _, _, cs, _ in pending) >= batch_size:
-                flush(cache)
-        if pending:
-            flush(cache)
-        table, diagnostics = cache.table([u.utterance_id for u in utterances], info)
+        run = extract_units(
+            cache,
+            ids,
+            [cache.signature([file_signature(u.audio_source), u.start, u.end]) for u in utterances],
+            lambda row: None if utterances[row].audio_source else "missing_clip",
+            plan_units(len(utterances), settings.shard_size),
+            lambda row: (ids[row], utterances[row].audio_source, utterances[row].start, utterances[row].end),
+            worker,
+            params.runtime,
+            "extract_audio",
+        )
+        # the local worker announced random weights when it loaded them; say it here otherwise
+        if not info["pretrained"] and any(u.audio_source for u in utterances):
+            if not run["computed"] or params.runtime.backend != "local":
+                warn_random("extract_audio (wav2vec2)")
+        table, diagnostics = cache.table(ids, info)
     chunked = {u: d["chunks"] for u, d in diagnostics.items() if d.get("chunks", 1) > 1}
     return finish_extraction(
         "audio",
@@ -403,9 +452,10 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         named={key: {u: d[key] for u, d in diagnostics.items() if key in d} for key in ("partial", "segment_clamped")},
         run_facts={
             "seconds": round(time.perf_counter() - start, 2),
-            "device": str(device),
-            "resumed_from_cache": cache.resumed,
-            "audio_seconds_decoded": round(seconds, 2),
+            "device": str(default_device()),
+            "backend": f"{params.runtime.backend} x {params.runtime.workers}",
+            "resumed_from_cache": run["resumed"],
+            "audio_seconds_decoded": round(run.get("audio_seconds_decoded", 0.0), 2),
             "cache": str(cache.dir),
         },
     )

@@ -8,6 +8,7 @@ Numbers written as strings are accepted as numbers, because ``dvc exp run -S tra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,6 +121,8 @@ class TextParams(_Section):
     context_window: int = Field(0, ge=0)
     max_length: int = Field(128, ge=8, le=4096)
     batch_size: int = Field(32, ge=1)
+    # Utterances per work unit (pipeline/sharding.py): units are fixed before any worker sees them.
+    shard_size: int = Field(256, ge=1)
     # autocast dtype on CUDA (ignored on the CPU, which always runs float32).
     cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     # The stage fails when more than this share of utterances has no usable text (empty transcripts).
@@ -152,6 +155,8 @@ class AudioParams(_Section):
     chunk_seconds: float = Field(15.0, gt=0)
     max_seconds: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
+    # Utterances per work unit (pipeline/sharding.py).
+    shard_size: int = Field(64, ge=1)
     cuda_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     # A clip cut short (its audio decodes to far less than its header declares, for the clip or the
     # utterance's segment; see pipeline.media.is_truncated): ``mask`` masks its audio (reason
@@ -191,6 +196,8 @@ class VisualParams(_Section):
     # Face detection batches frames across this many consecutive clips (a fixed plan: the same batches
     # whatever is resumed; see pipeline.visual_features.detection_plan). Larger feeds a GPU better.
     clips_per_batch: int = Field(4, ge=1)
+    # Utterances per work unit (pipeline/sharding.py), rounded up to whole clips_per_batch groups.
+    shard_size: int = Field(16, ge=1)
     # As audio.on_truncated, for the frames of a clip cut short: ``mask`` (reason ``truncated``) or
     # ``use_partial`` (the frames that decoded; listed under ``partial`` in visual_report.json).
     on_truncated: Literal["mask", "use_partial"] = "mask"
@@ -311,6 +318,24 @@ class RuntimeParams(_Section):
     # 2-core machine: 225 s per training epoch with the default, 28.8 s with 1, identical numbers).
     # The last float digits of CPU results can depend on the thread count.
     threads: int | None = Field(None, ge=1)
+    # Where the extraction stages' work units run (pipeline/sharding.py): local (this process), torchrun
+    # (one process per worker on this node; one GPU each where there are GPUs), ray (an actor pool on a
+    # local or existing Ray cluster: RAY_ADDRESS=host:port). Outputs do not depend on it.
+    backend: Literal["local", "torchrun", "ray"] = "local"
+    # Extraction: processes (torchrun) or actors (ray). Training: with workers > 1, `python -m
+    # pipeline.train` relaunches itself under torchrun with this many processes (DDP).
+    workers: int = Field(1, ge=1)
+    # ray: GPUs reserved per actor (0 on a CPU-only cluster; fractions share a GPU). torchrun: one GPU
+    # per process whenever CUDA is present, whatever this says.
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+# Environment variables that override ``runtime.*`` (a cluster job script sets these, not params.yaml).
+RUNTIME_ENV = {
+    "backend": "ERC_RUNTIME_BACKEND",
+    "workers": "ERC_RUNTIME_WORKERS",
+    "gpus_per_worker": "ERC_GPUS_PER_WORKER",
+}
 
 
 class Params(_Section):
@@ -351,7 +376,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate ``params.yaml``.
+    """Read and validate ``params.yaml``; :data:`RUNTIME_ENV` variables that are set override ``runtime.*``.
 
     Raises:
         ParamsError: the file is missing, is not valid YAML, or breaks the schema.
@@ -367,4 +392,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+    overrides = {key: os.environ[var] for key, var in RUNTIME_ENV.items() if os.environ.get(var)}
+    if overrides and isinstance(raw, dict):
+        raw = {**raw, "runtime": {**(raw.get("runtime") or {}), **overrides}}
+    return parse_params(
+        raw, str(path) + (f" (with {', '.join(RUNTIME_ENV[k] for k in overrides)})" if overrides else "")
+    )

@@ -33,4 +33,5 @@ if __name__ == "__main__":
             "utterances": "the utterance table (prepare's utterances.csv)",
             "out": "features folder: audio.safetensors, audio_report.json",
         },
+        distributed="units",
     )

@@ -34,4 +34,5 @@ if __name__ == "__main__":
             "text-encoder": "finetune_text's output folder (read only with text.finetune.enabled)",
             "out": "features folder: text.safetensors, text_report.json",
         },
+        distributed="units",
     )

@@ -34,4 +34,5 @@ if __name__ == "__main__":
             "utterances": "the utterance table (prepare's utterances.csv)",
             "out": "features folder: visual.safetensors, visual_report.json",
         },
+        distributed="units",
     )

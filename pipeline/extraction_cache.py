@@ -37,7 +37,9 @@ CACHE_DIR = Path("data/interim/cache")
 # Stage settings that change how fast features are made, or whether the stage accepts them, not what
 # they are (up to float rounding): left out of the resume-cache key (lowering a batch size after a CUDA
 # out-of-memory error keeps the cache) and of predict's comparison with a checkpoint.
-RUNTIME_ONLY = frozenset({"batch_size", "cuda_dtype", "batch_frames", "clips_per_batch", "max_masked_share"})
+RUNTIME_ONLY = frozenset(
+    {"batch_size", "shard_size", "cuda_dtype", "batch_frames", "clips_per_batch", "max_masked_share"}
+)
 
 
 def stage_code_files(stage: str, dvc_yaml: Path = DVC_YAML) -> list[Path]:

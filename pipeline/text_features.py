@@ -39,6 +39,7 @@ from pipeline.config import Params, TextParams
 from pipeline.encoders import autocast_dtype, default_device, load_text_encoder
 from pipeline.extraction_cache import CACHE_DIR, ExtractionCache
 from pipeline.reports import finish_extraction
+from pipeline.sharding import extract_units, plan_units
 from pipeline.utterances import Utterance
 
 
@@ -190,6 +191,43 @@ def encoder_spec(params: Params, text_encoder: Path | None) -> str:
     return str(text_encoder)
 
 
+class TextUnitWorker:
+    """Encodes the utterances of one work unit (:mod:`pipeline.sharding`): a pure worker.
+
+    Payload: ``[(utterance_id, (text, context or None)), ...]`` (:func:`encoder_inputs`); result: one
+    :class:`pipeline.sharding.UnitResult` per item, ``[hidden_size]`` float32, with
+    ``truncated_to_max_length`` in its diagnostics when the utterance's own tokens were cut. Batches
+    are formed inside the unit (length-sorted, ``text.batch_size``), so a unit's vectors do not
+    depend on which process encodes it. The encoder is loaded on the first call, on
+    :func:`pipeline.encoders.default_device`; a pickled worker carries its settings, not its model.
+    """
+
+    def __init__(self, spec: str, revision: str | None, settings: TextParams, loaded: tuple | None = None):
+        self.spec, self.revision, self.settings = spec, revision, settings
+        self._loaded = loaded  # (tokenizer, model, device), or None until the first call
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded": None}
+
+    def __call__(self, payload: list[tuple[str, tuple[str, str | None]]]) -> tuple[list, dict]:
+        from pipeline.sharding import UnitResult
+
+        if self._loaded is None:
+            device = default_device()
+            tokenizer, model, _ = load_text_encoder(self.spec, device, self.revision)
+            self._loaded = (tokenizer, model, device)
+        tokenizer, model, device = self._loaded
+        results: list = [None] * len(payload)
+
+        def store(idx: list[int], features: torch.Tensor, cut: dict[int, int]) -> None:
+            for k, vector in zip(idx, features):
+                diagnostics = {"truncated_to_max_length": cut[k]} if k in cut else {}
+                results[k] = UnitResult(payload[k][0], vector.numpy(), diagnostics=diagnostics)
+
+        encode_texts([x for _, x in payload], tokenizer, model, self.settings, device, on_batch=store, progress=False)
+        return results, {}
+
+
 def extract(
     utterances: list[Utterance],
     params: Params,
@@ -200,8 +238,10 @@ def extract(
     """Encode every utterance's text into ``<features_dir>/text.safetensors`` (+ report); mask empty ones.
 
     The encoder is ``text.model``, or the fine-tuned one in ``text_encoder`` (:func:`encoder_spec`).
-    Resumes from ``cache_root``: utterances already encoded with the same input, ``text.*`` and encoder
-    weights are not encoded again.
+    The work is split into units of ``text.shard_size`` utterances and run with ``runtime.backend``
+    (:mod:`pipeline.sharding`); the bytes written do not depend on the backend or the worker count.
+    Resumes from ``cache_root``: units whose utterances are all encoded with the same input, ``text.*``
+    and encoder weights are not encoded again.
 
     Returns:
         the stage report (see :func:`pipeline.reports.finish_extraction`), with
@@ -229,29 +269,24 @@ def extract(
     }
     inputs = encoder_inputs(utterances, params.text.context_window)
     settings = {k: v for k, v in params.text.model_dump().items() if k != "finetune"}  # weights_id covers it
+    # this process's encoder serves its own units; a copy sent to another process loads its own
+    worker = TextUnitWorker(spec, params.text.revision, params.text, (tokenizer, model, device))
+    ids = [u.utterance_id for u in utterances]
     with ExtractionCache(
         "text", settings, model.config.hidden_size, cache_root, weights_id=info["weights_id"]
     ) as cache:
-        signatures = [cache.signature(x) for x in inputs]
-        todo = []
-        for i, u in enumerate(utterances):
-            if not cache.pending(u.utterance_id, signatures[i]):
-                continue
-            if not u.text.strip():
-                cache.put(u.utterance_id, signatures[i], None, "empty_text")
-            else:
-                todo.append(i)
-        cache.log_resumed(len(utterances))
-
-        def store(batch_rows: list[int], features: torch.Tensor, cut: dict[int, int]) -> None:
-            for row, vector in zip(batch_rows, features):
-                i = todo[row]
-                diagnostics = {"truncated_to_max_length": cut[row]} if row in cut else None
-                cache.put(utterances[i].utterance_id, signatures[i], vector, diagnostics=diagnostics)
-
-        if todo:
-            encode_texts([inputs[i] for i in todo], tokenizer, model, params.text, device, on_batch=store)
-        table, diagnostics = cache.table([u.utterance_id for u in utterances], info)
+        run = extract_units(
+            cache,
+            ids,
+            [cache.signature(x) for x in inputs],
+            lambda row: None if utterances[row].text.strip() else "empty_text",
+            plan_units(len(utterances), params.text.shard_size),
+            lambda row: (ids[row], inputs[row]),
+            worker,
+            params.runtime,
+            "extract_text",
+        )
+        table, diagnostics = cache.table(ids, info)
     return finish_extraction(
         "text",
         table,
@@ -264,8 +299,9 @@ def extract(
         run_facts={
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),
-            "resumed_from_cache": cache.resumed,
-            "encoded": len(todo),
+            "backend": f"{params.runtime.backend} x {params.runtime.workers}",
+            "resumed_from_cache": run["resumed"],
+            "encoded": run["computed"],
             "cache": str(cache.dir),
         },
     )

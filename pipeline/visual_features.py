@@ -4,8 +4,8 @@
    ``visual.max_frames`` (spread evenly over longer segments), each downscaled to at most
    ``visual.max_frame_side`` pixels on its longer side as it is decoded (:func:`pipeline.media.sample_frames`).
 2. Detection: facenet-pytorch MTCNN (Zhang et al. 2016) on batches of ``visual.batch_frames`` frames
-   taken across ``visual.clips_per_batch`` consecutive clips (:func:`detection_plan` fixes the groups
-   from the utterance table, so a resumed run batches as an uninterrupted one); faces below
+   taken across ``visual.clips_per_batch`` consecutive clips (:func:`detection_groups` fixes the groups
+   from the utterance table, so a resumed or sharded run batches as an uninterrupted one); faces below
    ``visual.min_face_prob`` are ignored.
 3. One face track per utterance (:func:`face_track`): the speaker's face starts the track, chosen
    by ``visual.face_select`` (the largest, the most confident or the most central detection of the
@@ -42,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.config import Params, VisualParams
-from pipeline.encoders import default_device, describe_face_models, load_face_models
-from pipeline.extraction_cache import CACHE_DIR, ExtractionCache
+from pipeline.encoders import default_device, describe_face_models, load_face_models, warn_random
+from pipeline.extraction_cache import CACHE_DIR, ExtractionCache, file_signature
 from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames, trim_heap
 from pipeline.reports import finish_extraction
+from pipeline.sharding import extract_units, plan_units
 from pipeline.utterances import Utterance
 
 log = logging.getLogger(__name__)
@@ -121,33 +121,24 @@ def _as_list(batch_out, n: int) -> list:
     )
 
 
-def detection_plan(n_rows: int, pending: dict[int, str], clips_per_batch: int) -> list[list[tuple[int, str | None]]]:
-    """The groups of clips whose frames go through face detection together, fixed before any decoding.
+def detection_groups(rows: list[int], clips_per_batch: int) -> list[list[int]]:
+    """The groups of clips whose frames go through face detection together: rows of the utterance
+    table grouped by ``row // clips_per_batch``, in row order.
 
-    Group ``g`` holds rows ``g * clips_per_batch`` to ``(g + 1) * clips_per_batch - 1`` of the utterance
-    table, whatever is cached: MTCNN's boxes depend (by about 1e-5 pixel on the CPU) on which frames
-    share its batch, so a group with one pending row is detected whole again, the cached rows along as
-    context, and a resumed run batches every frame exactly as an uninterrupted one.
-
-    Args:
-        n_rows: utterances in the table.
-        pending: ``{row: input signature}`` of the rows still to extract.
-        clips_per_batch: rows per group (``visual.clips_per_batch``).
-
-    Returns:
-        per group with a pending row, ``(row, signature or None)`` in row order; None marks a cached
-        row that is decoded and detected as context only (its cached result is kept).
+    The groups follow from the table alone (a work unit holds whole groups:
+    :func:`pipeline.sharding.plan_units` with ``align=clips_per_batch``), because MTCNN's boxes depend
+    (by about 1e-5 pixel on the CPU) on which frames share its batch: a resumed or sharded run batches
+    every frame exactly as an uninterrupted one-process run.
 
     Raises:
         ValueError: ``clips_per_batch`` below 1.
     """
     if clips_per_batch < 1:
         raise ValueError(f"clips_per_batch must be at least 1, got {clips_per_batch}")
-    groups = sorted({row // clips_per_batch for row in pending})
-    return [
-        [(row, pending.get(row)) for row in range(g * clips_per_batch, min((g + 1) * clips_per_batch, n_rows))]
-        for g in groups
-    ]
+    groups: dict[int, list[int]] = {}
+    for row in rows:
+        groups.setdefault(row // clips_per_batch, []).append(row)
+    return [groups[g] for g in sorted(groups)]
 
 
 @torch.inference_mode()
@@ -232,8 +223,106 @@ def embed_faces(
     return embed_clips([frames], mtcnn, embedder, settings, device, timings)[0]
 
 
+class VisualUnitWorker:
+    """Decodes, detects, tracks and embeds the faces of one work unit (:mod:`pipeline.sharding`): a pure worker.
+
+    Payload: ``[(row, utterance_id, clip, start, end), ...]`` (rows of the utterance table, whole
+    detection groups); result: one :class:`pipeline.sharding.UnitResult` per item (``[512]`` float32,
+    or None with ``no_face`` or a decoding reason, and a warning for the log; per-clip frame and face
+    counts in its diagnostics), and the unit's ``decode/detect/embed_seconds``, ``frames`` and
+    ``frames_tracked``. Frames are decoded in a background thread ahead of detection, beside the models.
+    The face models are loaded on the first call (``visual.face_weights``).
+    """
+
+    def __init__(self, settings: VisualParams):
+        self.settings = settings
+        self._loaded = None  # (mtcnn, embedder, device) after the first call
+        self._clips: int | None = None  # clips since the last trim_heap() (None: not trimmed yet)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded": None, "_clips": None}
+
+    def __call__(self, payload: list[tuple[int, str, str, float | None, float | None]]) -> tuple[list, dict]:
+        from pipeline.sharding import UnitResult
+
+        settings = self.settings
+        if self._loaded is None:
+            device = default_device()
+            self._loaded = (*load_face_models(settings.face_weights, settings.min_face_prob, device)[:2], device)
+        mtcnn, embedder, device = self._loaded
+        timings = {"decode_seconds": 0.0, "detect_seconds": 0.0, "embed_seconds": 0.0}
+
+        def decode(pos: int) -> tuple[list[np.ndarray], dict]:  # runs in the decoding thread
+            _, _, clip, start, end = payload[pos]
+            t0, notes = time.perf_counter(), {}
+            try:
+                frames = sample_frames(
+                    clip,
+                    settings.fps,
+                    settings.max_frames,
+                    start,
+                    end,
+                    settings.max_frame_side,
+                    on_truncated=settings.on_truncated,
+                    notes=notes,
+                )
+                return frames, notes
+            finally:
+                timings["decode_seconds"] += time.perf_counter() - t0
+
+        position = {item[0]: pos for pos, item in enumerate(payload)}
+        groups = [[position[r] for r in g] for g in detection_groups(list(position), settings.clips_per_batch)]
+        decoded = decode_ahead([pos for group in groups for pos in group], decode, decode_depth(device, DECODE_AHEAD))
+        results: list = [None] * len(payload)
+        frames_seen = frames_tracked = 0
+        for group in groups:
+            if self._clips is None or self._clips >= TRIM_EVERY:
+                trim_heap()
+                self._clips = 0
+            self._clips += len(group)
+            decoded_group = list(islice(decoded, len(group)))  # [(position, (frames, notes) | MediaError)]
+            clips = [[] if isinstance(result, MediaError) else result[0] for _, result in decoded_group]
+            for (pos, result), (embedding, diagnostics) in zip(
+                decoded_group, embed_clips(clips, mtcnn, embedder, settings, device, timings)
+            ):
+                _, uid, clip, _, _ = payload[pos]
+                if isinstance(result, MediaError):
+                    hint = ""
+                    if result.reason == "truncated" and settings.on_truncated == "mask":
+                        hint = " (visual.on_truncated: use_partial would use the frames that decode)"
+                    warning = f"{uid} ({result.reason}): {result}; visual masked{hint}"
+                    results[pos] = UnitResult(uid, None, result.reason, {}, warning)
+                    continue
+                frames, notes = result
+                warnings = []
+                if "partial" in notes:
+                    warnings.append(
+                        f"{uid}: {clip} was cut short: its frames decode to {notes['partial']['decoded']:.2f} s of "
+                        f"the {notes['partial']['declared']:.2f} s its header declares for the utterance; using the "
+                        f"{len(frames)} frames that decoded (visual.on_truncated=use_partial)"
+                    )
+                frames_seen += diagnostics["frames"]
+                frames_tracked += diagnostics["frames_tracked"]
+                if embedding is None:
+                    warnings.append(
+                        f"{uid} (no_face): no face in {len(frames)} sampled frames of {clip}; visual masked"
+                    )
+                results[pos] = UnitResult(
+                    uid,
+                    None if embedding is None else embedding.numpy(),
+                    "ok" if embedding is not None else "no_face",
+                    {**diagnostics, **notes},
+                    "\n".join(warnings) or None,
+                )
+        return results, {**timings, "frames": frames_seen, "frames_tracked": frames_tracked}
+
+
 def extract(utterances: list[Utterance], params: Params, features_dir: Path, cache_root: Path = CACHE_DIR) -> dict:
     """Sample frames, track and embed the speaker's face, pool per utterance into ``visual.safetensors``.
+
+    The work is split into units of ``visual.shard_size`` utterances (whole detection groups;
+    :class:`VisualUnitWorker`) and run with ``runtime.backend`` (:mod:`pipeline.sharding`); the bytes
+    written do not depend on the backend or the worker count.
 
     Returns:
         the stage report (with ``per_clip`` diagnostics, ``partial`` ``{utterance_id: {"decoded": s,
@@ -243,12 +332,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
     """
     start = time.perf_counter()
     settings = params.visual
-    device = default_device()
-    if any(u.clip for u in utterances):
-        mtcnn, embedder, info = load_face_models(settings.face_weights, settings.min_face_prob, device)
-    else:  # nothing to embed (a text-only table): no model to load, no random weights to announce
-        mtcnn = embedder = None
-        info = describe_face_models(settings.face_weights)
+    info = describe_face_models(settings.face_weights)  # what load_face_models will report (no loading here)
     info = {
         **info,
         "fps": settings.fps,
@@ -256,90 +340,28 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         "face_select": settings.face_select,
         "params": settings.model_dump(mode="json"),
     }
-    timings = {"decode_seconds": 0.0, "detect_seconds": 0.0, "embed_seconds": 0.0}
-    frames_seen, frames_tracked = 0, 0
+    ids = [u.utterance_id for u in utterances]
     with ExtractionCache(
         "visual", settings.model_dump(), 512, cache_root, flush_every=16, weights_id=info["weights_id"]
     ) as cache:
-
-        def decode(item: tuple[int, str]) -> tuple[list[np.ndarray], dict]:  # runs in the decoding thread
-            utt, t0, notes = utterances[item[0]], time.perf_counter(), {}
-            try:
-                frames = sample_frames(
-                    utt.clip,
-                    settings.fps,
-                    settings.max_frames,
-                    utt.start,
-                    utt.end,
-                    settings.max_frame_side,
-                    on_truncated=settings.on_truncated,
-                    notes=notes,
-                )
-                return frames, notes
-            finally:
-                timings["decode_seconds"] += time.perf_counter() - t0
-
-        pending = dict(cache.pending_media(utterances, "clip"))
-        plan = [
-            [item for item in group if utterances[item[0]].clip]  # a row without a clip was recorded by pending
-            for group in detection_plan(len(utterances), pending, settings.clips_per_batch)
-        ]
-        decoded = decode_ahead([item for group in plan for item in group], decode, decode_depth(device, DECODE_AHEAD))
-        progress = tqdm(total=len(pending), desc="extract_visual", unit="utt")
-        for g, group in enumerate(plan):
-            if g % max(1, TRIM_EVERY // settings.clips_per_batch) == 0:
-                trim_heap()
-            # [((row, signature or None), (frames, decoding notes) | MediaError)]
-            results = list(islice(decoded, len(group)))
-            clips = [[] if isinstance(result, MediaError) else result[0] for _, result in results]
-            for ((row, signature), result), (embedding, diagnostics) in zip(
-                results, embed_clips(clips, mtcnn, embedder, settings, device, timings)
-            ):
-                if signature is None:  # a cached row, detected again as context only
-                    continue
-                utt = utterances[row]
-                progress.update()
-                if isinstance(result, MediaError):
-                    cache.put(utt.utterance_id, signature, None, result.reason)
-                    hint = ""
-                    if result.reason == "truncated" and settings.on_truncated == "mask":
-                        hint = " (visual.on_truncated: use_partial would use the frames that decode)"
-                    log.warning("%s (%s): %s; visual masked%s", utt.utterance_id, result.reason, result, hint)
-                    continue
-                frames, notes = result
-                if "partial" in notes:
-                    log.warning(
-                        "%s: %s was cut short: its frames decode to %.2f s of the %.2f s its header declares "
-                        "for the utterance; using the %d frames that decoded (visual.on_truncated=use_partial)",
-                        utt.utterance_id,
-                        utt.clip,
-                        notes["partial"]["decoded"],
-                        notes["partial"]["declared"],
-                        len(frames),
-                    )
-                frames_seen += diagnostics["frames"]
-                frames_tracked += diagnostics["frames_tracked"]
-                if embedding is None:
-                    log.warning(
-                        "%s (no_face): no face in %d sampled frames of %s; visual masked",
-                        utt.utterance_id,
-                        len(frames),
-                        utt.clip,
-                    )
-                reason = "ok" if embedding is not None else "no_face"
-                cache.put(utt.utterance_id, signature, embedding, reason, {**diagnostics, **notes})
-        progress.close()
-        table, per_clip = cache.table([u.utterance_id for u in utterances], info)
+        run = extract_units(
+            cache,
+            ids,
+            [cache.signature([file_signature(u.clip), u.start, u.end]) for u in utterances],
+            lambda row: None if utterances[row].clip else "missing_clip",
+            plan_units(len(utterances), settings.shard_size, align=settings.clips_per_batch),
+            lambda row: (row, ids[row], utterances[row].clip, utterances[row].start, utterances[row].end),
+            VisualUnitWorker(settings),
+            params.runtime,
+            "extract_visual",
+        )
+        if not info["pretrained"] and any(u.clip for u in utterances):
+            if not run["computed"] or params.runtime.backend != "local":
+                warn_random("extract_visual (InceptionResnetV1 face embedder)")
+        table, per_clip = cache.table(ids, info)
     named = {key: {u: d[key] for u, d in per_clip.items() if key in d} for key in ("partial", "segment_clamped")}
     per_clip = {u: {k: v for k, v in d.items() if k not in named} for u, d in per_clip.items()}
-    rates = {
-        "detect_frames_per_second": round(frames_seen / timings["detect_seconds"], 2)
-        if timings["detect_seconds"]
-        else None,
-        "embed_frames_per_second": round(frames_tracked / timings["embed_seconds"], 2)
-        if timings["embed_seconds"]
-        else None,
-    }
+    detect, embed = run.get("detect_seconds", 0.0), run.get("embed_seconds", 0.0)
     return finish_extraction(
         "visual",
         table,
@@ -348,12 +370,14 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
         named=named,
         run_facts={
             "seconds": round(time.perf_counter() - start, 2),
-            "device": str(device),
-            "resumed_from_cache": cache.resumed,
-            "frames": frames_seen,
-            "frames_tracked": frames_tracked,
-            **{k: round(v, 2) for k, v in timings.items()},
-            **rates,
+            "device": str(default_device()),
+            "backend": f"{params.runtime.backend} x {params.runtime.workers}",
+            "resumed_from_cache": run["resumed"],
+            "frames": int(run.get("frames", 0)),
+            "frames_tracked": int(run.get("frames_tracked", 0)),
+            **{k: round(run.get(k, 0.0), 2) for k in ("decode_seconds", "detect_seconds", "embed_seconds")},
+            "detect_frames_per_second": round(run.get("frames", 0) / detect, 2) if detect else None,
+            "embed_frames_per_second": round(run.get("frames_tracked", 0) / embed, 2) if embed else None,
             "cache": str(cache.dir),
         },
     )

@@ -189,8 +189,10 @@ def many_texts(n: int = 40, empty: tuple[int, ...] = (5, 17)) -> list[Utterance]
 
 
 def test_text_extraction_resumes_after_an_interrupt(tmp_path: Path, tiny_bert: Path, monkeypatch):
+    # 40 utterances (rows 5 and 17 empty) in work units of 8 rows, batches of 4 inside a unit:
+    # unit 0 encodes 7 texts (4 + 3), unit 1 8 (4 + 4), unit 2 7, units 3 and 4 8 each.
     utterances = many_texts()
-    params = text_params(tiny_bert, batch_size=4)
+    params = text_params(tiny_bert, batch_size=4, shard_size=8)
     cache_root, features = tmp_path / "cache", tmp_path / "features"
     monkeypatch.setattr(text_features, "ExtractionCache", functools.partial(ExtractionCache, flush_every=3))
 
@@ -211,13 +213,14 @@ def test_text_extraction_resumes_after_an_interrupt(tmp_path: Path, tiny_bert: P
     monkeypatch.setattr(text_features, "load_text_encoder", load_interrupted)
     with pytest.raises(KeyboardInterrupt):
         text_features.extract(utterances, params, features, cache_root)
-    assert forwards == [4] * 6  # the 6th batch was interrupted before it ran
+    assert forwards == [4, 3, 4, 4, 4, 3]  # the 6th batch (unit 2's second) was interrupted before it ran
     assert not (features / "text.safetensors").exists() and not (features / "text_report.json").exists()
-    # 2 empty texts + 5 batches of 4 = 22 results: 7 shards of 3 while running, the last one on the way out.
+    # The driver stores whole units: the 2 empty texts, then units 0 and 1 (15 results) = 17 results,
+    # in shards of 3 while running and the last one on the way out. Unit 2's first batch is lost.
     shards = shard_ids(cache_root / "text")
-    assert [len(s) for s in shards] == [3] * 7 + [1]
-    done = [u for s in shards for u in s]
-    assert len(set(done)) == 22 and {"train/dia1_utt1", "train/dia4_utt1"} <= set(done)
+    assert [len(s) for s in shards] == [3] * 5 + [2]
+    done = {u for s in shards for u in s}
+    assert len(done) == 17 and {"train/dia1_utt1", "train/dia4_utt1"} <= done and "train/dia4_utt0" not in done
 
     monkeypatch.setattr(text_features, "load_text_encoder", real_load)
     encoded: list[int] = []
@@ -228,17 +231,17 @@ def test_text_extraction_resumes_after_an_interrupt(tmp_path: Path, tiny_bert: P
 
     monkeypatch.setattr(text_features, "encode_texts", counting_encode)
     report = text_features.extract(utterances, params, features, cache_root)
-    assert encoded == [40 - 22]  # only the unfinished utterances
-    assert report["run"]["resumed_from_cache"] == 22 and report["run"]["encoded"] == 18
+    assert encoded == [7, 8, 8]  # only the unfinished units, each whole
+    assert report["run"]["resumed_from_cache"] == 17 and report["run"]["encoded"] == 23
+    resumed_bytes = (features / "text.safetensors").read_bytes()
     resumed = load_table(features / "text.safetensors")
 
     encoded.clear()
     fresh_report = text_features.extract(utterances, params, tmp_path / "fresh", tmp_path / "fresh_cache")
-    assert encoded == [38] and fresh_report["run"]["resumed_from_cache"] == 0
-    fresh = load_table(tmp_path / "fresh" / "text.safetensors")
-    assert resumed.utterance_ids == fresh.utterance_ids == [u.utterance_id for u in utterances]
-    assert resumed.reasons == fresh.reasons and resumed.reasons.count("empty_text") == 2
-    assert torch.allclose(resumed.features, fresh.features, atol=1e-5), (resumed.features - fresh.features).abs().max()
+    assert encoded == [7, 8, 7, 8, 8] and fresh_report["run"]["resumed_from_cache"] == 0
+    assert resumed.reasons.count("empty_text") == 2
+    # The same bytes as an uninterrupted run: every batch held the same utterances.
+    assert resumed_bytes == (tmp_path / "fresh" / "text.safetensors").read_bytes()
 
 
 def test_visual_stage_killed_with_sigkill_resumes(
@@ -316,7 +319,7 @@ def test_visual_stage_killed_with_sigkill_resumes(
 
 def test_edited_text_reencodes_only_that_utterance(tmp_path: Path, tiny_bert: Path, bert, monkeypatch):
     utterances = many_texts(12, empty=())
-    params = text_params(tiny_bert)
+    params = text_params(tiny_bert, shard_size=4)  # work units: rows 0-3, 4-7, 8-11
     encoded: list[str] = []
     real_encode = text_features.encode_texts
 
@@ -332,22 +335,26 @@ def test_edited_text_reencodes_only_that_utterance(tmp_path: Path, tiny_bert: Pa
     encoded.clear()
     utterances[5] = utt(utterances[5].utterance_id, "love the train", utterances[5].speaker)
     report = text_features.extract(utterances, params, tmp_path / "f", tmp_path / "c")
-    assert encoded == ["love the train"] and report["run"]["resumed_from_cache"] == 11
+    # Only the edited utterance's unit is encoded again, whole (its batches as in a fresh run).
+    assert encoded == [utterances[i].text for i in range(4, 8)] and report["run"]["resumed_from_cache"] == 8
     after = load_table(tmp_path / "f" / "text.safetensors").features
-    others = [i for i in range(12) if i != 5]
+    others = [i for i in range(12) if i not in range(4, 8)]
     assert torch.equal(after[others], before[others])
+    assert torch.allclose(after[[4, 6, 7]], before[[4, 6, 7]], atol=1e-5)
     tokenizer, model = bert
     with torch.no_grad():
         reference = model(**tokenizer("love the train", return_tensors="pt")).last_hidden_state[0].mean(0)
     assert torch.allclose(after[5], reference, atol=1e-5) and not torch.allclose(after[5], before[5], atol=1e-3)
 
     # With dialogue context, an edit changes the input of the neighbours too: they are re-encoded.
-    ctx = text_params(tiny_bert, context_window=1)
+    ctx = text_params(tiny_bert, context_window=1, shard_size=4)
     text_features.extract(utterances, ctx, tmp_path / "f", tmp_path / "c")
     encoded.clear()
     utterances[5] = utt(utterances[5].utterance_id, "the cat", utterances[5].speaker)  # dialogue 1: rows 4-7
     text_features.extract(utterances, ctx, tmp_path / "f", tmp_path / "c")
-    assert sorted(encoded) == sorted(["A: " + utterances[4].text, "B: the cat", "A: " + utterances[6].text])
+    # rows 4-6 changed input: their unit (rows 4-7) is encoded again
+    assert encoded == [f"{utterances[i].speaker}: {utterances[i].text}" for i in range(4, 8)]
+    assert utterances[5].text == "the cat"
 
 
 def test_changed_text_params_use_a_new_cache_key(tmp_path: Path, tiny_bert: Path):
@@ -480,7 +487,7 @@ def test_replaced_clip_is_extracted_again(tmp_path: Path, demo_root: Path, monke
         clips.append(tmp_path / f"{name}.mp4")
         shutil.copyfile(train / f"{name}.mp4", clips[-1])
     utterances = [utt(f"train/dia0_utt{i}", clip=clip) for i, clip in enumerate(clips)]
-    params = parse_params({"audio": {"random_init": TINY_AUDIO}})
+    params = parse_params({"audio": {"random_init": TINY_AUDIO, "shard_size": 1}})  # a unit per utterance
     decoded: list[str] = []
     real_load = audio_features.load_audio
 
@@ -991,18 +998,13 @@ def test_audio_memory_does_not_grow_with_the_corpus(tmp_path: Path, media: dict[
 # --- face detection across clips -----------------------------------------------------------------------------
 
 
-def test_detection_plan_groups_rows_of_the_table_whatever_is_cached():
-    pending = {1: "s1", 5: "s5", 6: "s6"}
-    assert visual_features.detection_plan(8, pending, 3) == [
-        [(0, None), (1, "s1"), (2, None)],
-        [(3, None), (4, None), (5, "s5")],
-        [(6, "s6"), (7, None)],
-    ]
-    # Everything pending: consecutive groups, the last one short; nothing pending: no group.
-    assert [len(g) for g in visual_features.detection_plan(7, dict.fromkeys(range(7), "s"), 3)] == [3, 3, 1]
-    assert visual_features.detection_plan(7, {}, 3) == []
+def test_detection_groups_follow_the_table_rows():
+    # Groups are row // clips_per_batch, whatever rows a unit holds (rows without a clip are absent).
+    assert visual_features.detection_groups([0, 1, 2, 3, 4, 5, 6, 7], 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert visual_features.detection_groups([1, 2, 4, 6], 3) == [[1, 2], [4], [6]]
+    assert visual_features.detection_groups([], 3) == []
     with pytest.raises(ValueError, match="clips_per_batch"):
-        visual_features.detection_plan(7, pending, 0)
+        visual_features.detection_groups([0], 0)
 
 
 def test_embed_clips_batches_frames_of_several_clips_and_sizes(face_models, demo_root: Path):
@@ -1046,7 +1048,10 @@ def test_interrupted_visual_extraction_resumes_with_the_same_batches(
         Utterance(f"train/dia{i}_utt0", "train", f"train/{i}", 0, "A", "x", "neutral", "neutral", str(c))
         for i, c in enumerate(clips)
     ]
-    params = parse_params({"visual": {"face_weights": "random", "max_frames": 2, "clips_per_batch": 3}})
+    # work units of 4 rows rounded up to whole detection groups of 3: rows 0-5 and 6-7
+    params = parse_params(
+        {"visual": {"face_weights": "random", "max_frames": 2, "clips_per_batch": 3, "shard_size": 4}}
+    )
     groups: list[int] = []
     real_embed_clips = visual_features.embed_clips
 
@@ -1057,22 +1062,27 @@ def test_interrupted_visual_extraction_resumes_with_the_same_batches(
     monkeypatch.setattr(visual_features, "embed_clips", spy)
     visual_features.extract(utterances, params, tmp_path / "whole", tmp_path / "whole_cache")
     assert groups == [3, 3, 2]
-
-    real_put, puts = ExtractionCache.put, []
-
-    def put_then_die(self, *args, **kwargs):
-        real_put(self, *args, **kwargs)
-        puts.append(args[0])
-        if len(puts) == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ExtractionCache, "put", put_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        visual_features.extract(utterances, params, tmp_path / "resumed", tmp_path / "cache")
-    monkeypatch.setattr(ExtractionCache, "put", real_put)
-    groups.clear()
-    report = visual_features.extract(utterances, params, tmp_path / "resumed", tmp_path / "cache")
-    # Rows 0-4 were cached; row 5's group (rows 3-5) is detected whole again, rows 6-7 as before.
-    assert report["run"]["resumed_from_cache"] == 5 and groups == [3, 2]
     whole = (tmp_path / "whole" / "visual.safetensors").read_bytes()
-    assert (tmp_path / "resumed" / "visual.safetensors").read_bytes() == whole
+
+    def interrupted_then_resumed(name: str, die_at: int) -> dict:
+        real_put, puts = ExtractionCache.put, []
+
+        def put_then_die(self, *args, **kwargs):
+            real_put(self, *args, **kwargs)
+            puts.append(args[0])
+            if len(puts) == die_at:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(ExtractionCache, "put", put_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            visual_features.extract(utterances, params, tmp_path / name, tmp_path / f"{name}_cache")
+        monkeypatch.setattr(ExtractionCache, "put", real_put)
+        groups.clear()
+        report = visual_features.extract(utterances, params, tmp_path / name, tmp_path / f"{name}_cache")
+        assert (tmp_path / name / "visual.safetensors").read_bytes() == whole  # the same bytes
+        return report
+
+    # Rows 0-4 cached: row 5's unit (rows 0-5) is recomputed whole, in the same groups; then rows 6-7.
+    assert interrupted_then_resumed("mid_unit", 5)["run"]["resumed_from_cache"] == 0 and groups == [3, 3, 2]
+    # Unit 0 finished and one row of unit 1: only unit 1 runs again.
+    assert interrupted_then_resumed("after_unit", 7)["run"]["resumed_from_cache"] == 6 and groups == [2]
