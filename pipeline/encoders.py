@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else CPU. Under torchrun, the GPU of this process's ``LOCAL_RANK`` (one per process)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:

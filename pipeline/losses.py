@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -119,6 +121,35 @@ def class_centre_loss(
     return (torch.logsumexp(similarity, dim=1) * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
+@dataclass
+class GlobalBatch:
+    """The global batch of a data-parallel training step, as one process's loss needs it.
+
+    With several processes (``runtime.workers``, :mod:`pipeline.train`), each process runs the model on
+    its share of the batch's dialogues; the loss must still mean what it means in one process (the
+    measured condition for 1 and 2 processes to agree):
+
+    * the cross-entropies are sums over this process's utterances divided by global totals, so that
+      the processes' losses (and gradients) add up to the one-process loss;
+    * the contrastive loss runs over the gathered global batch. ``projections`` holds every process's
+      rows in batch order; this process's rows are its live tensor (gradients flow), the others'
+      are detached copies. Each process computes the same global contrastive value, and its gradient
+      reaches the parameters only through its own rows, so the summed gradients are the
+      one-process gradient.
+
+    Attributes:
+        projections: ``[N_global, P]``; emotion: ``[N_global]`` labels of the same rows.
+        emotion_weight_sum: sum over the global batch of the emotion CE weight of each target (the
+            utterance count without class weights).
+        utterances: ``N_global``.
+    """
+
+    projections: torch.Tensor
+    emotion: torch.Tensor
+    emotion_weight_sum: float
+    utterances: int
+
+
 def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[num_classes]`` weights ``N / (C * count_k)`` (1 for a balanced set; absent classes get 0)."""
     counts = torch.bincount(labels, minlength=num_classes).float()
@@ -135,6 +166,7 @@ def erc_loss(
     config: LossParams,
     class_weights: torch.Tensor | None = None,
     queue: ContrastiveQueue | None = None,
+    global_batch: GlobalBatch | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training objective for one batch.
 
@@ -146,13 +178,27 @@ def erc_loss(
             inverse frequency when None).
         queue: earlier batches' projections for the contrastive term (``loss.contrastive_queue``);
             this batch is appended to it afterwards. None: the batch alone (evaluation).
+        global_batch: with several training processes, the global batch this process's rows belong to
+            (:class:`GlobalBatch`): this process's share of the loss, which the processes' shares add
+            up to. None: one process.
 
     Returns:
         (total loss, {"emotion": ..., "sentiment": ..., "contrastive": ...} as floats for logging).
+
+    Raises:
+        ValueError: a queue together with a global batch (not supported).
     """
     ce_weights = class_weights if config.class_weights == "inverse_frequency" else None
-    emotion_ce = F.cross_entropy(emotion_logits, emotion, weight=ce_weights)
-    sentiment_ce = F.cross_entropy(sentiment_logits, sentiment)
+    if global_batch is None:
+        emotion_ce = F.cross_entropy(emotion_logits, emotion, weight=ce_weights)
+        sentiment_ce = F.cross_entropy(sentiment_logits, sentiment)
+    else:
+        if queue is not None:
+            raise ValueError("loss.contrastive_queue is not supported with several training processes")
+        emotion_ce = F.cross_entropy(emotion_logits, emotion, weight=ce_weights, reduction="sum")
+        emotion_ce = emotion_ce / global_batch.emotion_weight_sum
+        sentiment_ce = F.cross_entropy(sentiment_logits, sentiment, reduction="sum") / global_batch.utterances
+        projections, emotion = global_batch.projections, global_batch.emotion
     total = emotion_ce + config.sentiment_weight * sentiment_ce
     contrastive = torch.zeros((), device=emotion_logits.device)
     if config.contrastive != "none" and config.contrastive_weight > 0:
@@ -172,11 +218,16 @@ def erc_loss(
 
 
 def batch_loss(
-    output, batch, config: LossParams, class_weights: torch.Tensor | None = None, queue: ContrastiveQueue | None = None
+    output,
+    batch,
+    config: LossParams,
+    class_weights: torch.Tensor | None = None,
+    queue: ContrastiveQueue | None = None,
+    global_batch: GlobalBatch | None = None,
 ):
     """:func:`erc_loss` of a model output (:class:`pipeline.modeling.ERCOutput`) on its batch
     (:class:`pipeline.data.DialogueBatch`: gold ``emotion`` / ``sentiment`` ``[N]``), with the
-    training ``queue`` (``loss.contrastive_queue``) when given.
+    training ``queue`` (``loss.contrastive_queue``) or a data-parallel ``global_batch`` when given.
 
     Returns:
         (loss, its parts), as :func:`erc_loss`.
@@ -190,4 +241,5 @@ def batch_loss(
         config,
         class_weights,
         queue,
+        global_batch,
     )

@@ -39,15 +39,16 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline import sharding
 from pipeline.atomic import atomic_path
 from pipeline.cli import run_stage
 from pipeline.config import Params, TrainParams
-from pipeline.data import Dialogue, batches, load_dialogues
+from pipeline.data import Dialogue, batch_plan, collate, load_dialogues
 from pipeline.encoders import default_device
 from pipeline.extraction_cache import code_fingerprint
 from pipeline.graphs import load_graphs, read_index
 from pipeline.inference import run_model
-from pipeline.losses import ContrastiveQueue, batch_loss, inverse_frequency
+from pipeline.losses import ContrastiveQueue, GlobalBatch, batch_loss, inverse_frequency
 from pipeline.modeling import ERCModel
 from pipeline.resume import (
     ResumeCheckpoint,
@@ -182,6 +183,118 @@ class LRSchedule:
 
 
 # ---------------------------------------------------------------------------------------------
+# several processes (DDP without the wrapper: the loss needs the global batch)
+
+
+class DataParallel:
+    """The processes of one ``torchrun`` launch training one model (``runtime.workers > 1``).
+
+    Every process holds the same model and takes the same global batches (the same seeded shuffle);
+    process ``r`` runs the model on the ``r``-th contiguous share of each batch's dialogues
+    (:meth:`share`), its loss is its share of the one-process loss (:meth:`global_batch`,
+    :class:`pipeline.losses.GlobalBatch`: global normalisation, the contrastive loss over the gathered
+    batch), and the gradients are summed over processes (:meth:`sum_gradients`) before clipping and
+    the optimizer step, so that the parameters follow the one-process run up to float rounding.
+    Rank 0 evaluates on dev, logs, checkpoints and writes the model; the dev weighted F1 (and so the
+    early-stopping decision) is broadcast (:meth:`broadcast`). Process group: gloo on the CPU, nccl on
+    CUDA. One process: every method is the identity.
+
+    This is PyTorch DDP's data flow (Li et al. 2020, "PyTorch Distributed", VLDB) without the
+    ``DistributedDataParallel`` wrapper, whose per-process mean loss would change the meaning of the
+    batch and of the contrastive loss.
+    """
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.rank, self.world, self.device = 0, 1, device
+        if sharding.under_torchrun() and sharding.rank_and_world()[1] > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, dialogues: list) -> list:
+        """This process's contiguous share of a global batch's dialogues (possibly empty)."""
+        if self.world == 1:
+            return dialogues
+        bounds = np.linspace(0, len(dialogues), self.world + 1).round().astype(int)
+        return dialogues[bounds[self.rank] : bounds[self.rank + 1]]
+
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers to every process (they start equal anyway: same seed)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def global_batch(
+        self, projections: torch.Tensor, emotion: torch.Tensor, ce_weights: torch.Tensor | None
+    ) -> GlobalBatch | None:
+        """The :class:`pipeline.losses.GlobalBatch` of this step: every process's projections ``[N_r, P]``
+        and labels ``[N_r]`` gathered in batch order (this process's rows live), and the global CE totals."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        weights = ce_weights[emotion].sum() if ce_weights is not None else torch.tensor(float(len(emotion)))
+        totals = torch.stack([weights.float().to(self.device), torch.tensor(float(len(emotion)), device=self.device)])
+        dist.all_reduce(totals)
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([len(emotion)], device=self.device))
+        sizes = [int(n) for n in sizes]
+        pad = max(sizes) - len(emotion)
+        rows = torch.cat([projections.detach(), projections.new_zeros(pad, projections.shape[1])])
+        labels = torch.cat([emotion, emotion.new_zeros(pad)])
+        all_rows = [torch.empty_like(rows) for _ in range(self.world)]
+        all_labels = [torch.empty_like(labels) for _ in range(self.world)]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_labels, labels)
+        parts = [projections if r == self.rank else all_rows[r][: sizes[r]] for r in range(self.world)]
+        return GlobalBatch(
+            torch.cat(parts),
+            torch.cat([all_labels[r][: sizes[r]] for r in range(self.world)]),
+            float(totals[0]),
+            int(totals[1]),
+        )
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """Sum every parameter's gradient over the processes (a missing gradient counts as zeros)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def sum(self, value: float) -> float:
+        """The sum of a float over the processes."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        total = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    def broadcast(self, value: float) -> float:
+        """Rank 0's value of a float, on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.broadcast(box, src=0)
+        return float(box)
+
+
+# ---------------------------------------------------------------------------------------------
 # resuming
 
 
@@ -220,7 +333,8 @@ def run_fingerprint(
         ).hexdigest()[:16],
         "data": data.hexdigest()[:16],
         "code": code_fingerprint("train"),
-        "runtime": f"torch {torch.__version__} on {device.type}",
+        "runtime": f"torch {torch.__version__} on {device.type}"
+        + (f" x {sharding.rank_and_world()[1]} processes" if sharding.under_torchrun() else ""),
     }
 
 
@@ -300,12 +414,16 @@ def train(
             raise ValueError(f"the {split} split has no dialogues; check data.root and the prepare report")
     device = default_device()
     set_seed(params.train.seed, device)
+    parallel = DataParallel(device)
+    if parallel.world > 1 and params.loss.contrastive_queue:
+        raise ValueError("loss.contrastive_queue is not supported with runtime.workers > 1; set one of them off")
     log.info(
-        "train: %d train and %d dev dialogues on %s%s",
+        "train: %d train and %d dev dialogues on %s%s%s",
         len(splits["train"]),
         len(splits["dev"]),
         device,
         f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
+        f", process {parallel.rank} of {parallel.world}" if parallel.world > 1 else "",
     )
     example = splits["train"][0]
     input_sizes = {m: int(f.shape[1]) for m, f in example.features.items()}
@@ -314,6 +432,7 @@ def train(
         model = ERCModel(input_sizes, len(emotions), len(sentiments), num_relations, params.model, device=device).to(
             device
         )
+        parallel.broadcast_parameters(model)
         class_weights = inverse_frequency(torch.cat([d.emotion for d in splits["train"]]), len(emotions)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
         steps_per_epoch = -(-len(splits["train"]) // params.train.batch_dialogues)
@@ -343,20 +462,34 @@ def train(
             start = time.perf_counter()
             model.train()
             train_losses = []
-            for batch in batches(splits["train"], params.train.batch_dialogues, shuffle=True, rng=rng):
-                batch = batch.to(device)
+            for global_dialogues in batch_plan(splits["train"], params.train.batch_dialogues, rng):
                 autocast = (
                     torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
                 )
-                with autocast:
-                    result = model(batch)
-                    loss, _ = batch_loss(result, batch, params.loss, class_weights, queue)
                 optimizer.zero_grad()
+                mine = parallel.share(global_dialogues)
+                with autocast:
+                    if mine:
+                        batch = collate(mine).to(device)
+                        result = model(batch)
+                        projections, emotion = result.projections, batch.emotion
+                    else:  # fewer dialogues than processes in the last batch: nothing to run here
+                        projections = torch.zeros(0, params.model.hidden_size, device=device)
+                        emotion = torch.zeros(0, dtype=torch.long, device=device)
+                    ce_weights = class_weights if params.loss.class_weights == "inverse_frequency" else None
+                    shared = parallel.global_batch(projections, emotion, ce_weights)
+                    if mine:
+                        loss, parts = batch_loss(result, batch, params.loss, class_weights, queue, shared)
+                    else:
+                        loss, parts = None, {"emotion": 0.0, "sentiment": 0.0, "contrastive": 0.0}
+                if loss is not None and loss.requires_grad:
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                parallel.sum_gradients(model)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
                 if scaler is not None:
                     scaler.step(optimizer)
@@ -364,14 +497,22 @@ def train(
                 else:
                     optimizer.step()
                 scheduler.step()
-                train_losses.append(loss.item())
+                if shared is None:
+                    train_losses.append(loss.item())
+                else:  # the processes' cross-entropy shares add up; the contrastive term is global
+                    ce = parts["emotion"] + params.loss.sentiment_weight * parts["sentiment"]
+                    train_losses.append(parallel.sum(ce) + params.loss.contrastive_weight * parts["contrastive"])
             lr = optimizer.param_groups[0]["lr"]  # after the epoch's last step (before a plateau step)
-            dev = run_model(model, splits["dev"], params, device, class_weights)
-            dev_pred = dev["emotion_prob"].argmax(-1)
-            dev_f1 = f1_score(dev["emotion"], dev_pred, average="weighted", zero_division=0)
-            dev_acc = accuracy_score(dev["emotion"], dev_pred)
+            if parallel.is_main:
+                dev = run_model(model, splits["dev"], params, device, class_weights)
+                dev_pred = dev["emotion_prob"].argmax(-1)
+                dev_f1 = f1_score(dev["emotion"], dev_pred, average="weighted", zero_division=0)
+                dev_acc = accuracy_score(dev["emotion"], dev_pred)
+            else:
+                dev, dev_acc = {"loss": float("nan")}, float("nan")
+            dev_f1 = parallel.broadcast(float(dev_f1) if parallel.is_main else 0.0)  # the same decisions everywhere
             scheduler.epoch_end(dev_f1)  # plateau: the next epoch's lr
-            log.info(
+            (log.info if parallel.is_main else log.debug)(
                 "epoch %3d  train loss %.4f  dev loss %.4f  dev weighted F1 %.4f  acc %.4f  lr %.2e  (%.1f s)",
                 epoch + 1,
                 np.mean(train_losses),
@@ -389,7 +530,9 @@ def train(
                 live.log_metric("lr", lr)
                 live.next_step()
             epochs_run = epoch + 1
-            if dev_f1 > best["dev_weighted_f1"]:
+            if dev_f1 > best["dev_weighted_f1"] and not parallel.is_main:
+                best, since_best = {"dev_weighted_f1": float(dev_f1)}, 0  # rank 0 keeps the weights
+            elif dev_f1 > best["dev_weighted_f1"]:
                 state_dict = copy.deepcopy(model.state_dict())
                 for key, value in state_dict.items():  # the checkpoint holds CPU tensors, whatever the device
                     state_dict[key] = value.cpu()
@@ -403,9 +546,11 @@ def train(
             else:
                 since_best += 1
                 if params.train.patience is not None and since_best >= params.train.patience:
-                    log.info("early stopping: no better dev weighted F1 for %d epochs", params.train.patience)
+                    (log.info if parallel.is_main else log.debug)(
+                        "early stopping: no better dev weighted F1 for %d epochs", params.train.patience
+                    )
                     stopped = True
-            if resume is not None:
+            if resume is not None and parallel.is_main:
                 resume.save(
                     {
                         "epoch": epochs_run,
@@ -425,6 +570,8 @@ def train(
                 )
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
+    if not parallel.is_main:
+        return {}  # rank 0 holds the best weights and writes the checkpoint
     return {
         "state_dict": best["state_dict"],
         "model": params.model.model_dump(),
@@ -478,6 +625,9 @@ def run(
         labels["emotions"], labels["sentiments"], load_utterances(prepared / UTTERANCES_FILE), features, graph_table
     )
     resume = ResumeCheckpoint(resume_dir, run_fingerprint(params, splits, num_relations, labels, encoders))
+    if sharding.rank_and_world()[0] > 0:  # another DDP process: rank 0 logs, checkpoints and writes the model
+        train(params, splits, num_relations, labels, encoders, None, resume, on_epoch_end, relation_speakers)
+        return
     with Live(str(metrics), resume=resume.resuming, dvcyaml=None, save_dvc_exp=False, report=None) as live:
         checkpoint = train(
             params, splits, num_relations, labels, encoders, live, resume, on_epoch_end, relation_speakers
@@ -518,4 +668,5 @@ if __name__ == "__main__":
             "resume-dir": "folder for the resume checkpoint last.pt (not a DVC output: it must survive a "
             "killed run; deleted at the end)",
         },
+        distributed="ddp",
     )
