@@ -241,26 +241,19 @@ class DataParallel:
             return None
         import torch.distributed as dist
 
+        # one all_gather for the sizes and CE totals, one for the rows with their labels as a last column
         weights = ce_weights[emotion].sum() if ce_weights is not None else torch.tensor(float(len(emotion)))
-        totals = torch.stack([weights.float().to(self.device), torch.tensor(float(len(emotion)), device=self.device)])
-        dist.all_reduce(totals)
-        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
-        dist.all_gather(sizes, torch.tensor([len(emotion)], device=self.device))
-        sizes = [int(n) for n in sizes]
-        pad = max(sizes) - len(emotion)
-        rows = torch.cat([projections.detach(), projections.new_zeros(pad, projections.shape[1])])
-        labels = torch.cat([emotion, emotion.new_zeros(pad)])
-        all_rows = [torch.empty_like(rows) for _ in range(self.world)]
-        all_labels = [torch.empty_like(labels) for _ in range(self.world)]
-        dist.all_gather(all_rows, rows)
-        dist.all_gather(all_labels, labels)
-        parts = [projections if r == self.rank else all_rows[r][: sizes[r]] for r in range(self.world)]
-        return GlobalBatch(
-            torch.cat(parts),
-            torch.cat([all_labels[r][: sizes[r]] for r in range(self.world)]),
-            float(totals[0]),
-            int(totals[1]),
-        )
+        meta = torch.stack([torch.tensor(float(len(emotion))), weights.float().cpu()]).to(self.device)
+        metas = [torch.empty_like(meta) for _ in range(self.world)]
+        dist.all_gather(metas, meta)
+        sizes = [int(m[0]) for m in metas]
+        rows = torch.cat([projections.detach(), emotion[:, None].to(projections.dtype)], dim=1)  # [N_r, P + 1]
+        rows = torch.cat([rows, rows.new_zeros(max(sizes) - len(emotion), rows.shape[1])])
+        gathered = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(gathered, rows)
+        parts = [projections if r == self.rank else gathered[r][: sizes[r], :-1] for r in range(self.world)]
+        labels = [gathered[r][: sizes[r], -1].long() for r in range(self.world)]
+        return GlobalBatch(torch.cat(parts), torch.cat(labels), float(sum(m[1] for m in metas)), sum(sizes))
 
     def sum_gradients(self, model: torch.nn.Module) -> None:
         """Sum every parameter's gradient over the processes (a missing gradient counts as zeros)."""
@@ -268,20 +261,24 @@ class DataParallel:
             return
         import torch.distributed as dist
 
-        for p in model.parameters():
+        params = list(model.parameters())
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective per step, not one per tensor
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
 
-    def sum(self, value: float) -> float:
-        """The sum of a float over the processes."""
+    def sum_each(self, values: list[float]) -> list[float]:
+        """The element-wise sum of a list of floats over the processes."""
         if self.world == 1:
-            return value
+            return values
         import torch.distributed as dist
 
-        total = torch.tensor(value, dtype=torch.float64, device=self.device)
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return float(total)
+        return total.tolist()
 
     def broadcast(self, value: float) -> float:
         """Rank 0's value of a float, on every process."""
@@ -461,7 +458,7 @@ def train(
                 break
             start = time.perf_counter()
             model.train()
-            train_losses = []
+            train_losses, ce_shares = [], []
             for global_dialogues in batch_plan(splits["train"], params.train.batch_dialogues, rng):
                 autocast = (
                     torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
@@ -499,9 +496,11 @@ def train(
                 scheduler.step()
                 if shared is None:
                     train_losses.append(loss.item())
-                else:  # the processes' cross-entropy shares add up; the contrastive term is global
-                    ce = parts["emotion"] + params.loss.sentiment_weight * parts["sentiment"]
-                    train_losses.append(parallel.sum(ce) + params.loss.contrastive_weight * parts["contrastive"])
+                else:  # this process's cross-entropy share; the contrastive term is global (the same everywhere)
+                    ce_shares.append(parts["emotion"] + params.loss.sentiment_weight * parts["sentiment"])
+                    train_losses.append(params.loss.contrastive_weight * parts["contrastive"])
+            if ce_shares:  # the batch losses: the processes' shares summed (one collective per epoch)
+                train_losses = [c + t for c, t in zip(parallel.sum_each(ce_shares), train_losses)]
             lr = optimizer.param_groups[0]["lr"]  # after the epoch's last step (before a plateau step)
             if parallel.is_main:
                 dev = run_model(model, splits["dev"], params, device, class_weights)

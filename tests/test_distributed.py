@@ -29,9 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def env_with(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DGLBACKEND": "pytorch", "HF_HUB_OFFLINE": "1"}
-    env.update({"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", **extra})
-    return env
+    """The stages' environment: torch's default thread count (torchrun and Ray would give workers one
+    thread each; the workers must take the driver's, or CPU results differ in their last bits)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update({"PYTHONPATH": str(REPO), "DGLBACKEND": "pytorch", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"})
+    return {**env, **extra}
 
 
 def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -88,19 +90,19 @@ def test_ray_actor_pool_returns_results_in_plan_order():
 
 @pytest.fixture(scope="module")
 def text_stage(tmp_path_factory) -> Path:
-    """A folder with a params file (the real MiniLM, units of 5) and an utterance table of 23 utterances."""
+    """A folder with a params file (the real MiniLM, units of 16) and an utterance table of 203 utterances."""
     root = tmp_path_factory.mktemp("text_stage")
     words = "I am so happy to see you what did you just say no way that is terrible leave me alone".split()
     utterances = []
-    for i in range(23):
-        text = "" if i == 7 else " ".join(words[(3 * i) % 11 : (3 * i) % 11 + 2 + i % 6])
+    for i in range(203):
+        text = "" if i == 7 else " ".join(words[(3 * i) % 11 : (3 * i) % 11 + 2 + i % 6] * (1 + i % 9))
         utterances.append(
             Utterance(f"train/dia{i // 4}_utt{i % 4}", "train", f"train/{i // 4}", i % 4, "AB"[i % 2], text, "", "")
         )
     write_utterances(utterances, root / "utterances.csv")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["text"]["shard_size"] = 5
-    raw["text"]["batch_size"] = 2
+    raw["text"]["shard_size"] = 16
+    raw["text"]["batch_size"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root
 
