@@ -438,9 +438,10 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
             params.runtime,
             "extract_audio",
         )
-        # the local worker announced random weights when it loaded them; say it here otherwise
+        # a worker in this process (local, or rank 0 under torchrun) said it when it loaded the weights;
+        # say it here when none loaded them, or when they loaded on Ray actors
         if not info["pretrained"] and any(u.audio_source for u in utterances):
-            if not run["computed"] or params.runtime.backend != "local":
+            if not run["computed"] or params.runtime.backend == "ray":  # else a worker here said it
                 warn_random("extract_audio (wav2vec2)")
         table, diagnostics = cache.table(ids, info)
     chunked = {u: d["chunks"] for u, d in diagnostics.items() if d.get("chunks", 1) > 1}

@@ -68,7 +68,7 @@ def run_stage(
         apply_runtime(params)
         relaunch = (distributed == "units" and params.runtime.backend == "torchrun") or distributed == "ddp"
         if relaunch:
-            sharding.relaunch_under_torchrun(params.runtime.workers, argv)
+            sharding.relaunch_under_torchrun(params.runtime.workers, argv, keep_threads=distributed == "units")
         if distributed == "units" and sharding.rank_and_world()[0] > 0:
             sharding.serve()  # rank > 0 under torchrun: compute rank 0's units until it is done
             return

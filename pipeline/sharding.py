@@ -116,12 +116,14 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def relaunch_under_torchrun(workers: int, argv: list[str] | None = None) -> None:
+def relaunch_under_torchrun(workers: int, argv: list[str] | None = None, keep_threads: bool = True) -> None:
     """Replace this process by ``python -m torch.distributed.run --standalone --nproc_per_node W -m <module> argv``.
 
     Does nothing when already under torchrun or with one worker. ``<module>`` is the ``-m`` module this
     process runs (``pipeline.extract_text``, ``pipeline.train``): the stage's own command line is kept,
     so ``dvc.yaml``'s commands do not change. ``--standalone`` runs one node with a free local port.
+    ``keep_threads``: the processes keep this process's torch thread count (extraction: the bytes
+    depend on it) instead of torchrun's one thread each (training: W processes share the cores).
 
     Raises:
         RuntimeError: this process was not started with ``python -m`` (no module to relaunch).
@@ -141,7 +143,9 @@ def relaunch_under_torchrun(workers: int, argv: list[str] | None = None) -> None
 
     # torchrun gives each process one thread unless OMP_NUM_THREADS is set: keep this process's count,
     # so that the workers compute as a one-process run does (CPU results depend on the thread count)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))}
+    env = dict(os.environ)
+    if keep_threads:
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
     os.execve(sys.executable, command, env)
 
 

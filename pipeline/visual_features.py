@@ -356,7 +356,7 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
             "extract_visual",
         )
         if not info["pretrained"] and any(u.clip for u in utterances):
-            if not run["computed"] or params.runtime.backend != "local":
+            if not run["computed"] or params.runtime.backend == "ray":  # else a worker here said it
                 warn_random("extract_visual (InceptionResnetV1 face embedder)")
         table, per_clip = cache.table(ids, info)
     named = {key: {u: d[key] for u, d in per_clip.items() if key in d} for key in ("partial", "segment_clamped")}
