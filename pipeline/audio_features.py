@@ -49,11 +49,11 @@ import torch
 
 from pipeline.config import AudioParams, Params
 from pipeline.encoders import (
+    announce_random,
     autocast_dtype,
     default_device,
     describe_audio_backend,
     load_audio_backend,
-    warn_random,
 )
 from pipeline.extraction_cache import CACHE_DIR, ExtractionCache, file_signature
 from pipeline.media import MediaError, decode_ahead, decode_depth, load_audio
@@ -438,11 +438,8 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
             params.runtime,
             "extract_audio",
         )
-        # a worker in this process (local, or rank 0 under torchrun) said it when it loaded the weights;
-        # say it here when none loaded them, or when they loaded on Ray actors
-        if not info["pretrained"] and any(u.audio_source for u in utterances):
-            if not run["computed"] or params.runtime.backend == "ray":  # else a worker here said it
-                warn_random("extract_audio (wav2vec2)")
+        has_media = any(u.audio_source for u in utterances)
+        announce_random("extract_audio (wav2vec2)", info, has_media, run["computed"], params.runtime.backend)
         table, diagnostics = cache.table(ids, info)
     chunked = {u: d["chunks"] for u, d in diagnostics.items() if d.get("chunks", 1) > 1}
     return finish_extraction(

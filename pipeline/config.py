@@ -194,7 +194,7 @@ class VisualParams(_Section):
     face_select: Literal["largest", "confident", "central"] = "largest"
     batch_frames: int = Field(16, ge=1)
     # Face detection batches frames across this many consecutive clips (a fixed plan: the same batches
-    # whatever is resumed; see pipeline.visual_features.detection_plan). Larger feeds a GPU better.
+    # whatever is resumed; see pipeline.visual_features.detection_groups). Larger feeds a GPU better.
     clips_per_batch: int = Field(4, ge=1)
     # Utterances per work unit (pipeline/sharding.py), rounded up to whole clips_per_batch groups.
     shard_size: int = Field(16, ge=1)

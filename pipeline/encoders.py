@@ -67,6 +67,17 @@ def warn_random(what: str) -> None:
     )
 
 
+def announce_random(what: str, info: dict, has_media: bool, computed: int, backend: str) -> None:
+    """:func:`warn_random` for an extraction stage whose workers may not have said it themselves.
+
+    A worker in the stage's process (``local``, or rank 0 under torchrun) warns when it loads random
+    weights; this warns when the stage has media but no worker loaded them here: every result came from
+    the resume cache (``computed`` 0), or they loaded on Ray actors, whose logs may not reach the user.
+    """
+    if not info["pretrained"] and has_media and (not computed or backend == "ray"):
+        warn_random(what)
+
+
 def resolve_model_path(spec: str) -> str:
     """Turn ``package:<module>/<sub dir>`` into the directory inside that installed package.
 

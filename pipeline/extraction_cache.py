@@ -120,7 +120,7 @@ class ExtractionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "settings.json").write_text(blob + "\n", encoding="utf-8")
         self._shards = 0
-        self.resumed = 0  # utterances found done by pending()
+        self.resumed = 0  # utterances reused from the cache (set by pipeline.sharding.extract_units)
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
             self._load_shard(shard)
             self._shards += 1
@@ -144,39 +144,8 @@ class ExtractionCache:
         entry = self._done.get(utterance_id)
         return entry is not None and entry[0] == signature
 
-    def pending(self, utterance_id: str, signature: str, media: str | None = None) -> bool:
-        """Whether an utterance still needs extracting.
-
-        False when its result is cached (counted in :attr:`resumed`), or when ``media`` is given but
-        empty: the utterance has no clip, recorded here as ``missing_clip``.
-        """
-        if self.is_done(utterance_id, signature):
-            self.resumed += 1
-            return False
-        if media is not None and not media:
-            self.put(utterance_id, signature, None, "missing_clip")
-            return False
-        return True
-
-    def pending_media(self, utterances: list, media: str) -> list[tuple[int, str]]:
-        """``(row, signature)`` of the utterances still to extract from a media file, in table order.
-
-        ``media`` names the utterance attribute that holds the file (``clip``, ``audio_source``); the
-        signature covers the file (path, size, modification time) and the segment bounds
-        (``start``, ``end``). Cached utterances are skipped and missing files recorded, as in
-        :meth:`pending`.
-        """
-        todo = []
-        for row, utt in enumerate(utterances):
-            path = getattr(utt, media)
-            signature = self.signature([file_signature(path), utt.start, utt.end])
-            if self.pending(utt.utterance_id, signature, path):
-                todo.append((row, signature))
-        self.log_resumed(len(utterances))
-        return todo
-
     def log_resumed(self, total: int) -> None:
-        """Say how many of ``total`` utterances :meth:`pending` found in the cache (nothing if none)."""
+        """Say how many of ``total`` utterances came from the cache (:attr:`resumed`; nothing if none)."""
         if self.resumed:
             logging.getLogger(f"pipeline.extract_{self.modality}").info(
                 "resumed: %d of %d utterances came from the cache %s", self.resumed, total, self.dir

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, VisualParams
-from pipeline.encoders import default_device, describe_face_models, load_face_models, warn_random
+from pipeline.encoders import announce_random, default_device, describe_face_models, load_face_models
 from pipeline.extraction_cache import CACHE_DIR, ExtractionCache, file_signature
 from pipeline.media import MediaError, decode_ahead, decode_depth, sample_frames, trim_heap
 from pipeline.reports import finish_extraction
@@ -355,9 +355,9 @@ def extract(utterances: list[Utterance], params: Params, features_dir: Path, cac
             params.runtime,
             "extract_visual",
         )
-        if not info["pretrained"] and any(u.clip for u in utterances):
-            if not run["computed"] or params.runtime.backend == "ray":  # else a worker here said it
-                warn_random("extract_visual (InceptionResnetV1 face embedder)")
+        has_media = any(u.clip for u in utterances)
+        what = "extract_visual (InceptionResnetV1 face embedder)"
+        announce_random(what, info, has_media, run["computed"], params.runtime.backend)
         table, per_clip = cache.table(ids, info)
     named = {key: {u: d[key] for u, d in per_clip.items() if key in d} for key in ("partial", "segment_clamped")}
     per_clip = {u: {k: v for k, v in d.items() if k not in named} for u, d in per_clip.items()}

@@ -227,10 +227,10 @@ def test_cache_results_resume_only_under_the_same_key(tmp_path: Path):
     with ExtractionCache("text", {"model": "m"}, 2, tmp_path, code="c1", weights_id="w") as cache:
         cache.put("a", "sig", torch.tensor([1.0, 2.0]))
     same = ExtractionCache("text", {"model": "m"}, 2, tmp_path, code="c1", weights_id="w")
-    assert not same.pending("a", "sig") and same.resumed == 1
+    assert same.is_done("a", "sig") and not same.is_done("a", "edited input")
     other_code = ExtractionCache("text", {"model": "m"}, 2, tmp_path, code="c2", weights_id="w")
     other_weights = ExtractionCache("text", {"model": "m"}, 2, tmp_path, code="c1", weights_id="w2")
-    assert other_code.pending("a", "sig") and other_weights.pending("a", "sig")
+    assert not other_code.is_done("a", "sig") and not other_weights.is_done("a", "sig")
 
 
 # --- command lines ---------------------------------------------------------------------------------------------
