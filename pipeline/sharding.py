@@ -201,12 +201,26 @@ def serve() -> None:
     while _broadcast(None) == "go":
         for _ in _torchrun_rounds(None, None):
             pass
+    close_process_group()
 
 
 def release() -> None:
     """Rank 0 under torchrun: tell the other ranks that the stage is over (nothing elsewhere)."""
     if under_torchrun() and rank_and_world()[1] > 1:
         _broadcast("done")
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the process group: no rank exits while another still reads
+    from it (gloo aborts a process whose peer has gone mid-collective)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier(group=_object_group())
+        dist.destroy_process_group()
+        global _GLOO
+        _GLOO = None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -569,6 +569,8 @@ def train(
                 )
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
+    if parallel.world > 1:
+        sharding.close_process_group()
     if not parallel.is_main:
         return {}  # rank 0 holds the best weights and writes the checkpoint
     return {

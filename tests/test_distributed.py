@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,12 +110,15 @@ def text_stage(tmp_path_factory) -> Path:
 
 def extract_text_sha(root: Path, name: str, **env: str) -> str:
     out = root / name
-    run_module(
+    shutil.rmtree(root / "data", ignore_errors=True)  # the resume cache: every backend computes everything
+    proc = run_module(
         ["-m", "pipeline.extract_text", "--params", "params.yaml", "--utterances", "utterances.csv"]
         + ["--text-encoder", "none", "--out", str(out)],
         root,
         **env,
     )
+    backend = f"backend {env['ERC_RUNTIME_BACKEND']} x {env.get('ERC_RUNTIME_WORKERS', '1')}"
+    assert backend in proc.stderr and "resumed_from_cache 0, encoded 202" in proc.stderr, proc.stderr[-2000:]
     return hashlib.sha256((out / "text.safetensors").read_bytes()).hexdigest()
 
 

@@ -222,7 +222,7 @@ def test_regression_check_fails_on_a_broken_pipeline(project: Path):
     _run(["git", "checkout", "HEAD", "--", "params.yaml"], project)
     source = project / "pipeline/text_features.py"  # the text features' code (extract_text is the stage's wrapper)
     code = source.read_text()
-    anchor = "        table, diagnostics = cache.table([u.utterance_id for u in utterances], info)\n"
+    anchor = "        table, diagnostics = cache.table(ids, info)\n"
     assert code.count(anchor) == 1
     # The bug: rows no longer belong to their utterances.
     source.write_text(
