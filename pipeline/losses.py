@@ -157,6 +157,12 @@ def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
+def emotion_ce_weights(config: LossParams, class_weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The class weights of the emotion cross-entropy: ``class_weights`` when ``loss.class_weights`` asks
+    for them (``inverse_frequency``), else None."""
+    return class_weights if config.class_weights == "inverse_frequency" else None
+
+
 def erc_loss(
     emotion_logits: torch.Tensor,
     sentiment_logits: torch.Tensor,
@@ -188,7 +194,7 @@ def erc_loss(
     Raises:
         ValueError: a queue together with a global batch (not supported).
     """
-    ce_weights = class_weights if config.class_weights == "inverse_frequency" else None
+    ce_weights = emotion_ce_weights(config, class_weights)
     if global_batch is None:
         emotion_ce = F.cross_entropy(emotion_logits, emotion, weight=ce_weights)
         sentiment_ce = F.cross_entropy(sentiment_logits, sentiment)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -296,9 +296,9 @@ def extract_units(
     cache,
     utterance_ids: list[str],
     signatures: list[str],
-    no_input: Any,
+    no_input: Callable[[int], str | None],
     plan: list[WorkUnit],
-    payload_item: Any,
+    payload_item: Callable[[int], Any],
     worker: UnitWorker,
     runtime: RuntimeParams,
     desc: str,
@@ -356,8 +356,7 @@ def extract_units(
 
 
 def _as_tensor(vector: Any):
+    """A worker's vector as a tensor (numpy arrays copied: Ray hands out read-only ones)."""
     import torch
 
-    return (
-        vector if isinstance(vector, torch.Tensor) else torch.tensor(vector)
-    )  # a copy: Ray hands out read-only arrays
+    return vector if isinstance(vector, torch.Tensor) else torch.tensor(vector)

@@ -48,7 +48,7 @@ from pipeline.encoders import default_device
 from pipeline.extraction_cache import code_fingerprint
 from pipeline.graphs import load_graphs, read_index
 from pipeline.inference import run_model
-from pipeline.losses import ContrastiveQueue, GlobalBatch, batch_loss, inverse_frequency
+from pipeline.losses import ContrastiveQueue, GlobalBatch, batch_loss, emotion_ce_weights, inverse_frequency
 from pipeline.modeling import ERCModel
 from pipeline.resume import (
     ResumeCheckpoint,
@@ -473,7 +473,7 @@ def train(
                     else:  # fewer dialogues than processes in the last batch: nothing to run here
                         projections = torch.zeros(0, params.model.hidden_size, device=device)
                         emotion = torch.zeros(0, dtype=torch.long, device=device)
-                    ce_weights = class_weights if params.loss.class_weights == "inverse_frequency" else None
+                    ce_weights = emotion_ce_weights(params.loss, class_weights)
                     shared = parallel.global_batch(projections, emotion, ce_weights)
                     if mine:
                         loss, parts = batch_loss(result, batch, params.loss, class_weights, queue, shared)
